@@ -1,0 +1,851 @@
+//! The control plane: the JSON API on the base domain, the JWKS, and the telemetry listener.
+//!
+//! Every `/v1` call authenticates with `Authorization: Bearer <api key>`: the key is hashed and
+//! looked up in the store on every call, so a revoked or expired credential fails on its very
+//! next request. A non-admin credential sees only the sandboxes it created; others are 404.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::credential::{self, Scope, Secret};
+use crate::error::HttpError;
+use crate::gateway::Gateway;
+use crate::proxy::ClientAddr;
+use crate::sandbox;
+use crate::store::{CredentialRecord, SandboxRecord, SandboxStatus};
+use crate::token::IssueRequest;
+use crate::unix_now;
+
+type AppState = Arc<Gateway>;
+
+/// Largest JSON body the API reads.
+const MAX_JSON_BYTES: usize = 256 * 1024;
+
+/// The control API router (served on the base-domain host by the proxy).
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/.well-known/jwks.json", get(jwks))
+        .route(
+            "/v1/credentials",
+            post(create_credential).get(list_credentials),
+        )
+        .route("/v1/credentials/{id}", delete(revoke_credential))
+        .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route(
+            "/v1/sandboxes/{id}",
+            get(get_sandbox).delete(delete_sandbox),
+        )
+        .route("/v1/sandboxes/{id}/connect-tokens", post(create_token))
+        .route("/v1/connect-tokens/{jti}", delete(revoke_token))
+        .route("/v1/audit", get(audit))
+        .fallback(|| async { HttpError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            HttpError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not accept that method",
+            )
+        })
+        .with_state(gw)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication and extractors
+
+/// The authenticated caller of a `/v1` endpoint.
+pub struct Caller {
+    pub credential: CredentialRecord,
+    pub client_addr: Option<String>,
+}
+
+impl Caller {
+    fn require(&self, scope: Scope) -> Result<(), HttpError> {
+        if credential::allows(&self.credential.scopes, scope) {
+            Ok(())
+        } else {
+            Err(HttpError::forbidden(format!(
+                "this credential lacks the `{}` scope",
+                scope.as_str()
+            )))
+        }
+    }
+
+    fn is_admin(&self) -> bool {
+        self.credential.scopes.contains(&Scope::Admin)
+    }
+
+    /// Whether the caller may see a sandbox (its own, or any for an admin).
+    fn owns(&self, record: &SandboxRecord) -> bool {
+        self.is_admin() || record.owner == self.credential.id
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &AppState) -> Result<Self, HttpError> {
+        let client_addr = parts
+            .extensions
+            .get::<ClientAddr>()
+            .map(|a| a.0.ip().to_string());
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
+            .filter(|key| !key.is_empty())
+            .ok_or_else(|| HttpError::unauthenticated("send `Authorization: Bearer <api key>`"))?;
+        let hash = credential::hash_secret(presented);
+        let record = gw.store.credential_by_hash(&hash).await?;
+        match record {
+            Some(c) if c.secret_hash.matches(&hash) && c.is_active(unix_now()) => Ok(Caller {
+                credential: c,
+                client_addr,
+            }),
+            _ => Err(HttpError::unauthenticated(
+                "the API key is unknown, revoked or expired",
+            )),
+        }
+    }
+}
+
+/// A JSON body whose errors never echo values back (a misplaced secret stays out of the
+/// answer).
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, HttpError> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                ct.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("application/json")
+            });
+        if !is_json {
+            return Err(HttpError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "bad_request",
+                "send a JSON body with `Content-Type: application/json`",
+            ));
+        }
+        let req = req.map(|b| Body::new(http_body_util::Limited::new(b, MAX_JSON_BYTES)));
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|_| HttpError::body_too_large())?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| HttpError::invalid_argument(redact_json_error(&e)))
+    }
+}
+
+/// serde_json's message without any quoted input value.
+fn redact_json_error(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut in_quote = false;
+    for c in text.chars() {
+        if c == '"' {
+            if !in_quote {
+                out.push_str("\"…");
+            }
+            in_quote = !in_quote;
+            if !in_quote {
+                out.push('"');
+            }
+            continue;
+        }
+        if !in_quote {
+            out.push(c);
+        }
+    }
+    format!("invalid request body: {out}")
+}
+
+fn created<T: Serialize>(value: T) -> Response {
+    (StatusCode::CREATED, Json(value)).into_response()
+}
+
+#[derive(Serialize)]
+struct Items<T> {
+    items: Vec<T>,
+}
+
+fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// JWKS
+
+async fn jwks(State(gw): State<AppState>) -> Response {
+    let mut response = Json(gw.tokens.jwks()).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("public, max-age=60"),
+    );
+    response
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCredential {
+    name: String,
+    scopes: Vec<String>,
+    ttl_secs: Option<i64>,
+    max_token_ttl_secs: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct CredentialView {
+    id: String,
+    name: String,
+    scopes: Vec<Scope>,
+    created_at: String,
+    expires_at: Option<String>,
+    max_token_ttl_secs: Option<i64>,
+    revoked_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+}
+
+impl CredentialView {
+    fn of(c: &CredentialRecord) -> Self {
+        CredentialView {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            scopes: c.scopes.clone(),
+            created_at: rfc3339(c.created_at),
+            expires_at: c.expires_at.map(rfc3339),
+            max_token_ttl_secs: c.max_token_ttl_secs,
+            revoked_at: c.revoked_at.map(rfc3339),
+            secret: None,
+        }
+    }
+}
+
+async fn create_credential(
+    State(gw): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateCredential>,
+) -> Result<Response, HttpError> {
+    caller.require(Scope::Admin)?;
+    let name = body.name.trim();
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return Err(HttpError::invalid_argument(
+            "name must be 1-128 printable characters",
+        ));
+    }
+    let mut scopes = Vec::new();
+    for s in &body.scopes {
+        let scope = Scope::parse(s).ok_or_else(|| {
+            HttpError::invalid_argument(
+                "unknown scope; use admin, sandboxes:read, sandboxes:write, tokens:issue, tokens:revoke",
+            )
+        })?;
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    if scopes.is_empty() {
+        return Err(HttpError::invalid_argument(
+            "scopes must name at least one scope",
+        ));
+    }
+    let now = unix_now();
+    if body.ttl_secs.is_some_and(|t| t <= 0) {
+        return Err(HttpError::invalid_argument("ttl_secs must be positive"));
+    }
+    if body.max_token_ttl_secs.is_some_and(|t| t <= 0) {
+        return Err(HttpError::invalid_argument(
+            "max_token_ttl_secs must be positive",
+        ));
+    }
+    let secret = Secret::generate();
+    let record = CredentialRecord {
+        id: credential::new_credential_id(),
+        name: name.to_string(),
+        scopes,
+        secret_hash: secret.hash(),
+        created_at: now,
+        expires_at: body.ttl_secs.map(|t| now.saturating_add(t)),
+        max_token_ttl_secs: body.max_token_ttl_secs,
+        revoked_at: None,
+    };
+    gw.store.insert_credential(&record).await?;
+    gw.audit(
+        &caller.credential.id,
+        "credential.create",
+        &record.id,
+        caller.client_addr,
+    )
+    .await;
+    let mut view = CredentialView::of(&record);
+    view.secret = Some(secret.expose().to_string());
+    Ok(created(view))
+}
+
+async fn list_credentials(
+    State(gw): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Items<CredentialView>>, HttpError> {
+    caller.require(Scope::Admin)?;
+    let items = gw
+        .store
+        .credentials()
+        .await?
+        .iter()
+        .map(CredentialView::of)
+        .collect();
+    Ok(Json(Items { items }))
+}
+
+async fn revoke_credential(
+    State(gw): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, HttpError> {
+    caller.require(Scope::Admin)?;
+    if gw.store.credential(&id).await?.is_none() {
+        return Err(HttpError::not_found("no such credential"));
+    }
+    gw.store.revoke_credential(&id, unix_now()).await?;
+    gw.audit(
+        &caller.credential.id,
+        "credential.revoke",
+        &id,
+        caller.client_addr,
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sandboxes
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSandbox {
+    command: Option<Vec<String>>,
+    upstream: Option<String>,
+    ports: Vec<u16>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    timeout_secs: Option<i64>,
+    #[serde(default)]
+    cors_origins: Vec<String>,
+    #[serde(default)]
+    rewrite_host: bool,
+    metadata: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct SandboxView {
+    id: String,
+    status: SandboxStatus,
+    ports: Vec<u16>,
+    created_at: String,
+    expires_at: Option<String>,
+    ended_at: Option<String>,
+    owner: String,
+    metadata: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<String>,
+    cors_origins: Vec<String>,
+    rewrite_host: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+impl SandboxView {
+    fn of(s: &SandboxRecord) -> Self {
+        SandboxView {
+            id: s.id.clone(),
+            status: s.status,
+            ports: s.ports.clone(),
+            created_at: rfc3339(s.created_at),
+            expires_at: s.expires_at.map(rfc3339),
+            ended_at: s.ended_at.map(rfc3339),
+            owner: s.owner.clone(),
+            metadata: s.metadata.clone(),
+            upstream: s.upstream.clone(),
+            cors_origins: s.cors_origins.clone(),
+            rewrite_host: s.rewrite_host,
+            detail: s.detail.clone(),
+        }
+    }
+}
+
+async fn create_sandbox(
+    State(gw): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateSandbox>,
+) -> Result<Response, HttpError> {
+    caller.require(Scope::SandboxesWrite)?;
+    let upstream = match (&body.command, &body.upstream) {
+        (Some(_), Some(_)) => {
+            return Err(HttpError::invalid_argument(
+                "give either `command` or `upstream`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(HttpError::invalid_argument(
+                "give `upstream` (the host of a sandbox run elsewhere) or `command`",
+            ))
+        }
+        (Some(_), None) => {
+            return Err(HttpError::invalid_argument(
+                "`command` sandboxes need the process driver, which this build does not have yet; register a running service with `upstream`",
+            ))
+        }
+        (None, Some(u)) => validate_upstream(u)?,
+    };
+    if body.ports.is_empty() || body.ports.len() > 32 {
+        return Err(HttpError::invalid_argument("ports must list 1 to 32 ports"));
+    }
+    let mut ports = body.ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.len() != body.ports.len() || ports.contains(&0) {
+        return Err(HttpError::invalid_argument(
+            "ports must be distinct numbers 1-65535",
+        ));
+    }
+    for origin in &body.cors_origins {
+        validate_origin(origin)?;
+    }
+    let metadata = body.metadata.unwrap_or_else(|| serde_json::json!({}));
+    if !metadata.is_object() || metadata.to_string().len() > 4096 {
+        return Err(HttpError::invalid_argument(
+            "metadata must be a JSON object of at most 4 KiB",
+        ));
+    }
+    if !body.env.is_empty() {
+        return Err(HttpError::invalid_argument(
+            "`env` applies to `command` sandboxes only",
+        ));
+    }
+    let now = unix_now();
+    if body.timeout_secs.is_some_and(|t| t <= 0) {
+        return Err(HttpError::invalid_argument("timeout_secs must be positive"));
+    }
+    let record = SandboxRecord {
+        id: sandbox::new_id(),
+        owner: caller.credential.id.clone(),
+        status: SandboxStatus::Running,
+        ports: body.ports,
+        upstream: Some(upstream),
+        command: None,
+        env: BTreeMap::new(),
+        cors_origins: body.cors_origins,
+        rewrite_host: body.rewrite_host,
+        metadata,
+        created_at: now,
+        expires_at: body.timeout_secs.map(|t| now.saturating_add(t)),
+        ended_at: None,
+        host_ports: BTreeMap::new(),
+        node: None,
+        detail: None,
+    };
+    gw.store.insert_sandbox(&record).await?;
+    gw.routes.upsert(&record);
+    gw.audit(
+        &caller.credential.id,
+        "sandbox.create",
+        &record.id,
+        caller.client_addr,
+    )
+    .await;
+    Ok(created(SandboxView::of(&record)))
+}
+
+/// An upstream is a bare host: an IP literal or a DNS name, no scheme, port or path.
+fn validate_upstream(u: &str) -> Result<String, HttpError> {
+    let u = u.trim();
+    let bad = || {
+        HttpError::invalid_argument(
+            "upstream must be a bare host such as 10.0.3.7, ::1 or sandbox-7.internal (no scheme, port or path)",
+        )
+    };
+    if u.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(u.to_string());
+    }
+    let name = u.trim_end_matches('.').to_ascii_lowercase();
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(name)
+    } else {
+        Err(bad())
+    }
+}
+
+/// An origin as browsers send it: `scheme://host[:port]`, nothing after.
+fn validate_origin(o: &str) -> Result<(), HttpError> {
+    let ok = url::Url::parse(o).ok().is_some_and(|u| {
+        matches!(u.scheme(), "https" | "http")
+            && u.host_str().is_some()
+            && u.path() == "/"
+            && !o.ends_with('/')
+            && u.query().is_none()
+            && u.fragment().is_none()
+            && u.username().is_empty()
+            && u.origin().ascii_serialization() == o.to_ascii_lowercase()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(HttpError::invalid_argument(
+            "cors_origins entries must be origins such as https://app.example.com",
+        ))
+    }
+}
+
+async fn list_sandboxes(
+    State(gw): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Items<SandboxView>>, HttpError> {
+    caller.require(Scope::SandboxesRead)?;
+    let items = gw
+        .store
+        .sandboxes()
+        .await?
+        .iter()
+        .filter(|s| caller.owns(s))
+        .map(SandboxView::of)
+        .collect();
+    Ok(Json(Items { items }))
+}
+
+async fn owned_sandbox(
+    gw: &Gateway,
+    caller: &Caller,
+    id: &str,
+) -> Result<SandboxRecord, HttpError> {
+    match gw.store.sandbox(id).await? {
+        Some(s) if caller.owns(&s) => Ok(s),
+        _ => Err(HttpError::not_found("no such sandbox")),
+    }
+}
+
+async fn get_sandbox(
+    State(gw): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxView>, HttpError> {
+    caller.require(Scope::SandboxesRead)?;
+    let s = owned_sandbox(&gw, &caller, &id).await?;
+    Ok(Json(SandboxView::of(&s)))
+}
+
+async fn delete_sandbox(
+    State(gw): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, HttpError> {
+    caller.require(Scope::SandboxesWrite)?;
+    let mut s = owned_sandbox(&gw, &caller, &id).await?;
+    if s.status.is_live() {
+        s.status = SandboxStatus::Stopped;
+        s.ended_at = Some(unix_now());
+        gw.store.update_sandbox(&s).await?;
+    }
+    gw.routes.upsert(&s);
+    let closed = gw.tracker.close_sandbox(&id);
+    tracing::debug!(sandbox = %id, closed, "sandbox terminated");
+    gw.audit(
+        &caller.credential.id,
+        "sandbox.terminate",
+        &id,
+        caller.client_addr,
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connect tokens
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    port: u16,
+    ttl_secs: Option<i64>,
+    user_metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    single_use: bool,
+}
+
+#[derive(Serialize)]
+struct TokenView {
+    token: String,
+    url: String,
+    expires_at: String,
+    jti: String,
+}
+
+async fn create_token(
+    State(gw): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CreateToken>,
+) -> Result<Response, HttpError> {
+    caller.require(Scope::TokensIssue)?;
+    let s = owned_sandbox(&gw, &caller, &id).await?;
+    if !s.status.is_live() {
+        return Err(HttpError::conflict("the sandbox has ended"));
+    }
+    if !s.ports.contains(&body.port) {
+        return Err(HttpError::invalid_argument(
+            "the sandbox does not publish that port",
+        ));
+    }
+    if let (Some(max), Some(ttl)) = (caller.credential.max_token_ttl_secs, body.ttl_secs) {
+        if ttl > max {
+            return Err(HttpError::invalid_argument(format!(
+                "ttl_secs exceeds this credential's maximum of {max}"
+            )));
+        }
+    }
+    let ttl = match (body.ttl_secs, caller.credential.max_token_ttl_secs) {
+        (Some(t), _) => Some(t),
+        (None, Some(max)) if max < gw.config.tokens.default_ttl_secs => Some(max),
+        (None, _) => None,
+    };
+    let now = unix_now();
+    let (token, claims) = gw.tokens.issue(
+        IssueRequest {
+            sub: caller.credential.id.clone(),
+            sbx: s.id.clone(),
+            port: body.port,
+            ttl_secs: ttl,
+            md: body.user_metadata,
+            once: body.single_use,
+        },
+        now,
+    )?;
+    let cfg = &gw.config.gateway;
+    let port_suffix = if cfg.public_port == 443 {
+        String::new()
+    } else {
+        format!(":{}", cfg.public_port)
+    };
+    let url = format!(
+        "https://{}-{}.{}{}/?_sandgate_token={}",
+        body.port, s.id, cfg.base_domain, port_suffix, token
+    );
+    gw.audit(
+        &caller.credential.id,
+        "token.issue",
+        &format!("{}:{} jti={}", s.id, body.port, claims.jti),
+        caller.client_addr,
+    )
+    .await;
+    Ok(created(TokenView {
+        token,
+        url,
+        expires_at: rfc3339(claims.exp),
+        jti: claims.jti.clone(),
+    }))
+}
+
+async fn revoke_token(
+    State(gw): State<AppState>,
+    caller: Caller,
+    Path(jti): Path<String>,
+) -> Result<StatusCode, HttpError> {
+    caller.require(Scope::TokensRevoke)?;
+    if jti.is_empty()
+        || jti.len() > 128
+        || !jti
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(HttpError::invalid_argument("not a token id"));
+    }
+    // The store keeps no list of issued tokens, so the entry lives as long as the longest
+    // token could: after that the token is dead anyway.
+    let exp = unix_now() + gw.config.tokens.max_ttl_secs + gw.config.tokens.leeway_secs;
+    gw.store.revoke_token(&jti, exp).await?;
+    gw.tokens.revoke(&jti, exp);
+    let closed = gw.tracker.close_token(&jti);
+    tracing::debug!(closed, "token revoked");
+    gw.audit(
+        &caller.credential.id,
+        "token.revoke",
+        &jti,
+        caller.client_addr,
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct AuditView {
+    id: i64,
+    time: String,
+    actor: String,
+    action: String,
+    target: String,
+    client_addr: Option<String>,
+}
+
+async fn audit(
+    State(gw): State<AppState>,
+    caller: Caller,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Items<AuditView>>, HttpError> {
+    caller.require(Scope::Admin)?;
+    let Ok(Query(q)) = query else {
+        return Err(HttpError::invalid_argument("limit must be a number"));
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let items = gw
+        .store
+        .audit(limit)
+        .await?
+        .into_iter()
+        .map(|e| AuditView {
+            id: e.id,
+            time: rfc3339(e.time),
+            actor: e.actor,
+            action: e.action,
+            target: e.target,
+            client_addr: e.client_addr,
+        })
+        .collect();
+    Ok(Json(Items { items }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Telemetry listener
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on plain HTTP until `stop` is cancelled.
+pub async fn serve_telemetry(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+    let ready_stop = stop.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(gw): State<AppState>| async move {
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                (headers, gw.metrics.encode())
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move |State(gw): State<AppState>| async move {
+                if ready_stop.is_cancelled() {
+                    return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+                }
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    gw.store.signing_keys(),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
+                    _ => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
+                }
+            }),
+        )
+        .with_state(gw);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if let Err(err) = result {
+        tracing::error!(error = %err, "telemetry listener failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_errors_do_not_echo_values() {
+        let e = serde_json::from_str::<CreateToken>(r#"{"port": "sgk_supersecret"}"#).unwrap_err();
+        let msg = redact_json_error(&e);
+        assert!(!msg.contains("supersecret"), "{msg}");
+        assert!(msg.contains("invalid type"), "{msg}");
+    }
+
+    #[test]
+    fn upstreams_and_origins() {
+        assert!(validate_upstream("10.0.3.7").is_ok());
+        assert!(validate_upstream("::1").is_ok());
+        assert_eq!(
+            validate_upstream("Box-7.Internal").unwrap(),
+            "box-7.internal"
+        );
+        for bad in [
+            "http://x",
+            "x:80",
+            "x/y",
+            "",
+            "a..b",
+            "169.254.169.254/latest",
+        ] {
+            assert!(validate_upstream(bad).is_err(), "{bad}");
+        }
+        assert!(validate_origin("https://app.example.com").is_ok());
+        assert!(validate_origin("http://localhost:3000").is_ok());
+        for bad in [
+            "https://app.example.com/",
+            "app.example.com",
+            "https://a.com/x",
+            "*",
+            "null",
+        ] {
+            assert!(validate_origin(bad).is_err(), "{bad}");
+        }
+    }
+}

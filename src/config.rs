@@ -1,0 +1,536 @@
+//! Configuration: raw TOML structs that reject unknown keys, validated into [`Config`].
+//!
+//! Every key has a default, so a file that sets only a few keys works, and so does no file at
+//! all. Relative paths resolve against the folder of the config file, so a config means the
+//! same thing from any working directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The default location of the config file, relative to the working directory.
+pub const DEFAULT_PATH: &str = "config/sandgate.toml";
+
+/// Why a configuration could not be loaded. Every message names the file, and the key when
+/// one key is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A key has a value that parses but makes no sense.
+    #[error("invalid config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    gateway: RawGateway,
+    telemetry: RawTelemetry,
+    tls: RawTls,
+    store: RawStore,
+    tokens: RawTokens,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawGateway {
+    listen: String,
+    base_domain: String,
+    public_port: Option<u16>,
+    max_header_bytes: usize,
+    max_body_bytes: u64,
+    handshake_timeout_secs: u64,
+    header_read_timeout_secs: u64,
+    idle_timeout_secs: u64,
+    body_read_timeout_secs: u64,
+    upstream_connect_timeout_secs: u64,
+    upstream_response_timeout_secs: u64,
+    shutdown_grace_secs: u64,
+    max_connections: usize,
+    max_connections_per_ip: usize,
+    h2_max_concurrent_streams: u32,
+}
+
+impl Default for RawGateway {
+    fn default() -> Self {
+        RawGateway {
+            listen: "127.0.0.1:8443".into(),
+            base_domain: "sandbox.localhost".into(),
+            public_port: None,
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 10 * 1024 * 1024 * 1024,
+            handshake_timeout_secs: 10,
+            header_read_timeout_secs: 30,
+            idle_timeout_secs: 120,
+            body_read_timeout_secs: 60,
+            upstream_connect_timeout_secs: 10,
+            upstream_response_timeout_secs: 60,
+            shutdown_grace_secs: 30,
+            max_connections: 65_536,
+            max_connections_per_ip: 4_096,
+            h2_max_concurrent_streams: 256,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTelemetry {
+    listen: String,
+    log_format: String,
+    log_level: String,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        RawTelemetry {
+            listen: "127.0.0.1:9464".into(),
+            log_format: "text".into(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    dev_cert: bool,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        RawTls {
+            dev_cert: true,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    data_dir: PathBuf,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            data_dir: PathBuf::from("data"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTokens {
+    default_ttl_secs: i64,
+    max_ttl_secs: i64,
+    leeway_secs: i64,
+    cache_capacity: usize,
+}
+
+impl Default for RawTokens {
+    fn default() -> Self {
+        RawTokens {
+            default_ttl_secs: 600,
+            max_ttl_secs: 86_400,
+            leeway_secs: 30,
+            cache_capacity: 100_000,
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the config came from (`None`: embedded defaults), for messages.
+    pub source: Option<PathBuf>,
+    pub gateway: GatewayConfig,
+    pub telemetry: TelemetryConfig,
+    pub tls: TlsConfig,
+    pub store: StoreConfig,
+    pub tokens: TokensConfig,
+}
+
+/// The TLS listener and the data plane's limits.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    /// Lowercase, no trailing dot.
+    pub base_domain: String,
+    /// The port that URLs handed to clients carry (defaults to the listen port).
+    pub public_port: u16,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_response_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub h2_max_concurrent_streams: u32,
+}
+
+/// The plain-HTTP loopback listener for metrics and health, and logging.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    pub listen: SocketAddr,
+    pub log_json: bool,
+    pub log_level: String,
+}
+
+/// Where the server certificate comes from.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Generate a local CA and certificate in `<data_dir>/certs` when none exists.
+    pub dev_cert: bool,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// Where state lives.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+}
+
+impl StoreConfig {
+    /// The SQLite database file.
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.data_dir.join("sandgate.db")
+    }
+
+    /// The bootstrap admin key, written once on first start.
+    pub fn admin_key_path(&self) -> PathBuf {
+        self.data_dir.join("admin.key")
+    }
+
+    /// Dev certificates.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.data_dir.join("certs")
+    }
+}
+
+/// Connect-token lifetimes.
+#[derive(Debug, Clone)]
+pub struct TokensConfig {
+    pub default_ttl_secs: i64,
+    pub max_ttl_secs: i64,
+    pub leeway_secs: i64,
+    pub cache_capacity: usize,
+}
+
+impl Config {
+    /// Loads the config named on the command line, else `$SANDGATE_CONFIG`, else
+    /// [`DEFAULT_PATH`] if it exists, else the embedded defaults (paths relative to the working
+    /// directory).
+    pub fn load_default(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        if let Some(path) = explicit {
+            return Config::load(path);
+        }
+        if let Some(path) = std::env::var_os("SANDGATE_CONFIG").filter(|p| !p.is_empty()) {
+            return Config::load(Path::new(&path));
+        }
+        let default = Path::new(DEFAULT_PATH);
+        if default.exists() {
+            return Config::load(default);
+        }
+        Config::from_toml("", None, Path::new("."))
+    }
+
+    /// Loads and validates one file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        Config::from_toml(&text, Some(path), &base)
+    }
+
+    /// Parses TOML text; relative paths resolve against `base`.
+    pub fn from_toml(text: &str, path: Option<&Path>, base: &Path) -> Result<Config, ConfigError> {
+        let shown = path
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("<embedded defaults>"));
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: shown.clone(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: shown.clone(),
+            key,
+            message,
+        };
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let g = raw.gateway;
+        let listen: SocketAddr = g.listen.parse().map_err(|_| {
+            invalid(
+                "gateway.listen",
+                format!("`{}` is not an address such as 127.0.0.1:8443", g.listen),
+            )
+        })?;
+        let base_domain = g.base_domain.trim_end_matches('.').to_ascii_lowercase();
+        if !is_valid_domain(&base_domain) {
+            return Err(invalid(
+                "gateway.base_domain",
+                format!("`{}` is not a DNS name", g.base_domain),
+            ));
+        }
+        if g.max_header_bytes < 1024 || g.max_header_bytes > 1024 * 1024 {
+            return Err(invalid(
+                "gateway.max_header_bytes",
+                "must be between 1024 and 1048576".into(),
+            ));
+        }
+        let positive = |key: &'static str, v: u64| {
+            if v == 0 {
+                Err(invalid(key, "must be greater than 0".into()))
+            } else {
+                Ok(Duration::from_secs(v))
+            }
+        };
+        let gateway = GatewayConfig {
+            listen,
+            public_port: g.public_port.unwrap_or(listen.port()),
+            base_domain,
+            max_header_bytes: g.max_header_bytes,
+            max_body_bytes: g.max_body_bytes,
+            handshake_timeout: positive(
+                "gateway.handshake_timeout_secs",
+                g.handshake_timeout_secs,
+            )?,
+            header_read_timeout: positive(
+                "gateway.header_read_timeout_secs",
+                g.header_read_timeout_secs,
+            )?,
+            idle_timeout: positive("gateway.idle_timeout_secs", g.idle_timeout_secs)?,
+            body_read_timeout: positive(
+                "gateway.body_read_timeout_secs",
+                g.body_read_timeout_secs,
+            )?,
+            upstream_connect_timeout: positive(
+                "gateway.upstream_connect_timeout_secs",
+                g.upstream_connect_timeout_secs,
+            )?,
+            upstream_response_timeout: positive(
+                "gateway.upstream_response_timeout_secs",
+                g.upstream_response_timeout_secs,
+            )?,
+            shutdown_grace: Duration::from_secs(g.shutdown_grace_secs),
+            max_connections: g.max_connections.max(1),
+            max_connections_per_ip: g.max_connections_per_ip.max(1),
+            h2_max_concurrent_streams: g.h2_max_concurrent_streams.max(1),
+        };
+
+        let t = raw.telemetry;
+        let telemetry = TelemetryConfig {
+            listen: t.listen.parse().map_err(|_| {
+                invalid(
+                    "telemetry.listen",
+                    format!("`{}` is not an address such as 127.0.0.1:9464", t.listen),
+                )
+            })?,
+            log_json: match t.log_format.as_str() {
+                "text" => false,
+                "json" => true,
+                other => {
+                    return Err(invalid(
+                        "telemetry.log_format",
+                        format!("`{other}` is not one of \"text\", \"json\""),
+                    ))
+                }
+            },
+            log_level: t.log_level,
+        };
+
+        let data_dir = resolve(&raw.store.data_dir);
+        let store = StoreConfig { data_dir };
+
+        let tls = match (raw.tls.cert_file, raw.tls.key_file) {
+            (Some(cert), Some(key)) => TlsConfig {
+                dev_cert: raw.tls.dev_cert,
+                cert_file: resolve(&cert),
+                key_file: resolve(&key),
+            },
+            (None, None) if raw.tls.dev_cert => TlsConfig {
+                dev_cert: true,
+                cert_file: store.certs_dir().join("server.pem"),
+                key_file: store.certs_dir().join("server-key.pem"),
+            },
+            (None, None) => {
+                return Err(invalid(
+                    "tls.cert_file",
+                    "with dev_cert = false, set cert_file and key_file".into(),
+                ))
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls.key_file",
+                    "cert_file is set, key_file is not".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls.cert_file",
+                    "key_file is set, cert_file is not".into(),
+                ))
+            }
+        };
+
+        let k = raw.tokens;
+        if k.max_ttl_secs < 1 || k.max_ttl_secs > 7 * 86_400 {
+            return Err(invalid(
+                "tokens.max_ttl_secs",
+                "must be between 1 and 604800".into(),
+            ));
+        }
+        if k.default_ttl_secs < 1 || k.default_ttl_secs > k.max_ttl_secs {
+            return Err(invalid(
+                "tokens.default_ttl_secs",
+                "must be between 1 and tokens.max_ttl_secs".into(),
+            ));
+        }
+        if !(0..=30).contains(&k.leeway_secs) {
+            return Err(invalid(
+                "tokens.leeway_secs",
+                "must be between 0 and 30".into(),
+            ));
+        }
+        let tokens = TokensConfig {
+            default_ttl_secs: k.default_ttl_secs,
+            max_ttl_secs: k.max_ttl_secs,
+            leeway_secs: k.leeway_secs,
+            cache_capacity: k.cache_capacity.max(16),
+        };
+
+        Ok(Config {
+            source: path.map(Path::to_path_buf),
+            gateway,
+            telemetry,
+            tls,
+            store,
+            tokens,
+        })
+    }
+}
+
+/// A DNS name: dot-separated labels of letters, digits and inner hyphens.
+fn is_valid_domain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(
+            text,
+            Some(Path::new("/etc/sg/sandgate.toml")),
+            Path::new("/etc/sg"),
+        )
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(c.gateway.public_port, 8443);
+        assert_eq!(c.gateway.base_domain, "sandbox.localhost");
+        assert_eq!(c.telemetry.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.store.data_dir, Path::new("/etc/sg/data"));
+        assert!(c.tls.dev_cert);
+        assert_eq!(c.tls.cert_file, Path::new("/etc/sg/data/certs/server.pem"));
+        assert_eq!(c.tokens.default_ttl_secs, 600);
+        assert_eq!(c.tokens.max_ttl_secs, 86_400);
+        assert_eq!(c.tokens.leeway_secs, 30);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[gateway]\nlisten_addr = \"1.2.3.4:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_addr"), "{err}");
+        assert!(err.contains("/etc/sg/sandgate.toml"), "{err}");
+        let err = parse("[nope]\n").unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let c = parse("[store]\ndata_dir = \"../data\"\n").unwrap();
+        assert_eq!(c.store.data_dir, Path::new("/etc/sg/../data"));
+        let c = parse("[store]\ndata_dir = \"/var/lib/sandgate\"\n").unwrap();
+        assert_eq!(c.store.data_dir, Path::new("/var/lib/sandgate"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("[gateway]\nlisten = \"nope\"", "gateway.listen"),
+            ("[gateway]\nbase_domain = \"a b\"", "gateway.base_domain"),
+            ("[tokens]\nleeway_secs = 60", "tokens.leeway_secs"),
+            (
+                "[tokens]\ndefault_ttl_secs = 100000",
+                "tokens.default_ttl_secs",
+            ),
+            ("[tls]\ndev_cert = false", "tls.cert_file"),
+            ("[telemetry]\nlog_format = \"xml\"", "telemetry.log_format"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn base_domain_is_canonical() {
+        let c =
+            parse("[gateway]\nbase_domain = \"Sandbox.Example.COM.\"\npublic_port = 443").unwrap();
+        assert_eq!(c.gateway.base_domain, "sandbox.example.com");
+        assert_eq!(c.gateway.public_port, 443);
+    }
+}

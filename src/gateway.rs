@@ -1,0 +1,275 @@
+//! Opens everything a running gateway needs from a [`Config`]: the data dir, certificates, the
+//! store, the signing keys, the bootstrap admin credential and the route table.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::credential::{self, Scope, Secret};
+use crate::sandbox::Routes;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{AuditEvent, CredentialRecord, Store, StoreError, StoredSigningKey};
+use crate::telemetry::Metrics;
+use crate::tls::{CertResolver, TlsError};
+use crate::token::{self, Authority, SigningKey, TokenError, TokenSettings};
+use crate::tracker::Tracker;
+use crate::unix_now;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The data dir could not be created or secured.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Certificates could not be made or loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The store could not be opened or read.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A stored signing key is unusable.
+    #[error("signing keys: {0}")]
+    Keys(#[from] TokenError),
+    /// The bootstrap admin key could not be written.
+    #[error("cannot write the bootstrap admin key to {path}: {source}")]
+    AdminKey {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The shared state of one running gateway.
+pub struct Gateway {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub tokens: Arc<Authority>,
+    pub routes: Arc<Routes>,
+    pub tracker: Arc<Tracker>,
+    pub metrics: Arc<Metrics>,
+    pub certs: Arc<CertResolver>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("base_domain", &self.config.gateway.base_domain)
+            .field("routes", &self.routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Opens (and on first start, initialises) the gateway's state.
+    pub async fn open(config: Config) -> Result<Arc<Gateway>, OpenError> {
+        let data_dir = config.store.data_dir.clone();
+        create_private_dir(&data_dir)?;
+
+        if config.tls.dev_cert && config.tls.cert_file.starts_with(config.store.certs_dir()) {
+            let (paths, created) = crate::tls::ensure_dev_certs(
+                &config.store.certs_dir(),
+                &config.gateway.base_domain,
+            )?;
+            if created {
+                tracing::info!(ca = %paths.ca_cert.display(), "created a local dev CA and certificate; trust the CA to avoid browser warnings");
+            }
+        }
+        let certs = CertResolver::load(&config.tls.cert_file, &config.tls.key_file)?;
+
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.sqlite_path())?);
+
+        let keys = load_or_create_keys(store.as_ref()).await?;
+        let tokens = Arc::new(Authority::new(token_settings(&config), keys)?);
+
+        ensure_admin(store.as_ref(), &config.store.admin_key_path()).await?;
+
+        let now = unix_now();
+        for (jti, exp) in store.revoked_tokens(now).await? {
+            tokens.revoke(&jti, exp);
+        }
+        for (jti, exp) in store.used_tokens(now).await? {
+            tokens.mark_used(&jti, exp);
+        }
+        let routes = Arc::new(Routes::new());
+        for record in store.sandboxes().await? {
+            routes.upsert(&record);
+        }
+        tracing::info!(
+            sandboxes = routes.len(),
+            data_dir = %data_dir.display(),
+            "state loaded"
+        );
+
+        Ok(Arc::new(Gateway {
+            config,
+            store,
+            tokens,
+            routes,
+            tracker: Arc::new(Tracker::new()),
+            metrics: Arc::new(Metrics::new()),
+            certs,
+        }))
+    }
+
+    /// Re-reads the signing keys from the store (after `sandgate keys rotate`). Returns true
+    /// when the set changed.
+    pub async fn reload_keys(&self) -> Result<bool, OpenError> {
+        let keys = stored_keys(self.store.as_ref()).await?;
+        let newest = keys
+            .iter()
+            .max_by_key(|k| k.created_at())
+            .map(|k| k.kid().to_string());
+        if newest.as_deref() == Some(self.tokens.signing_kid().as_str())
+            && keys.len() == self.tokens.key_count()
+        {
+            return Ok(false);
+        }
+        self.tokens.set_keys(keys)?;
+        tracing::info!(kid = %self.tokens.signing_kid(), "signing keys reloaded");
+        Ok(true)
+    }
+
+    /// Records an audit event in the store and as one structured log line.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        client_addr: Option<String>,
+    ) {
+        tracing::info!(target: "sandgate::audit", actor, action, target, client_addr = client_addr.as_deref().unwrap_or("-"), "audit");
+        let event = AuditEvent {
+            id: 0,
+            time: unix_now(),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            target: target.to_string(),
+            client_addr,
+        };
+        if let Err(err) = self.store.append_audit(&event).await {
+            tracing::error!(error = %err, action, "could not record audit event");
+        }
+    }
+}
+
+/// Token settings derived from the config: the issuer names this gateway's base domain.
+pub fn token_settings(config: &Config) -> TokenSettings {
+    TokenSettings {
+        issuer: format!("https://{}", config.gateway.base_domain),
+        audience: "sandgate".to_string(),
+        default_ttl_secs: config.tokens.default_ttl_secs,
+        max_ttl_secs: config.tokens.max_ttl_secs,
+        leeway_secs: config.tokens.leeway_secs,
+        cache_capacity: config.tokens.cache_capacity,
+    }
+}
+
+async fn stored_keys(store: &dyn Store) -> Result<Vec<SigningKey>, OpenError> {
+    let mut keys = Vec::new();
+    for k in store.signing_keys().await? {
+        keys.push(SigningKey::from_parts(k.kid, k.created_at, k.private_der)?);
+    }
+    Ok(keys)
+}
+
+async fn load_or_create_keys(store: &dyn Store) -> Result<Vec<SigningKey>, OpenError> {
+    let keys = stored_keys(store).await?;
+    if !keys.is_empty() {
+        return Ok(keys);
+    }
+    let key = add_signing_key(store).await?;
+    tracing::info!(kid = %key.kid(), "created the first signing key");
+    Ok(vec![key])
+}
+
+/// Creates a signing key and stores it; running gateways pick it up within seconds.
+pub async fn add_signing_key(store: &dyn Store) -> Result<SigningKey, OpenError> {
+    let key = SigningKey::generate()?;
+    store
+        .insert_signing_key(&StoredSigningKey {
+            kid: key.kid().to_string(),
+            created_at: key.created_at(),
+            private_der: key.pkcs8_der().to_vec(),
+        })
+        .await?;
+    Ok(key)
+}
+
+/// On an empty store, creates the bootstrap admin credential and writes its secret to
+/// `path` (mode 0600). The log names the file, never the key.
+async fn ensure_admin(store: &dyn Store, path: &Path) -> Result<(), OpenError> {
+    if !store.credentials().await?.is_empty() {
+        return Ok(());
+    }
+    let secret = Secret::generate();
+    let record = CredentialRecord {
+        id: credential::new_credential_id(),
+        name: "bootstrap-admin".to_string(),
+        scopes: vec![Scope::Admin],
+        secret_hash: secret.hash(),
+        created_at: unix_now(),
+        expires_at: None,
+        max_token_ttl_secs: None,
+        revoked_at: None,
+    };
+    write_private_file(path, format!("{}\n", secret.expose()).as_bytes()).map_err(|source| {
+        OpenError::AdminKey {
+            path: path.display().to_string(),
+            source,
+        }
+    })?;
+    store.insert_credential(&record).await?;
+    store
+        .append_audit(&AuditEvent {
+            id: 0,
+            time: unix_now(),
+            actor: "sandgate".into(),
+            action: "credential.create".into(),
+            target: record.id.clone(),
+            client_addr: None,
+        })
+        .await?;
+    tracing::info!(path = %path.display(), credential = %record.id, "created the bootstrap admin credential; its API key is in this file");
+    Ok(())
+}
+
+fn create_private_dir(path: &Path) -> Result<(), OpenError> {
+    let err = |source| OpenError::DataDir {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Writes a file readable by its owner only (created with mode 0600, never wider).
+pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+/// Re-export for callers that only hold the token module.
+pub use token::IssueRequest;

@@ -1,0 +1,45 @@
+//! # sandgate
+//!
+//! A TLS gateway that admits clients to services inside sandboxes with short-lived, signed
+//! connect tokens.
+//!
+//! # Layout
+//!
+//! - [`config`]: raw TOML structs (unknown keys rejected) → a validated [`config::Config`].
+//! - [`tls`]: rustls server config, dev certificates (rcgen), a reloadable certificate resolver.
+//! - [`token`]: connect-token claims, signing keys, issue and verify with a verified-token cache
+//!   and the revocation set. Pure domain: no HTTP types.
+//! - [`credential`]: API keys: generation, hashing, scopes.
+//! - [`store`]: the [`store::Store`] trait and its embedded SQLite implementation.
+//! - [`sandbox`]: the sandbox model and the in-memory route table the data plane reads.
+//! - [`gateway`]: opens everything from a config (store, keys, certs, admin key) into shared state.
+//! - [`server`]: listeners, TLS accept, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
+//! - [`proxy`]: the data plane: route → authenticate → forward.
+//! - [`api`]: the control plane (axum) on the base domain.
+//! - [`error`]: the one place gateway errors become HTTP responses.
+//! - [`telemetry`]: tracing set-up and Prometheus metrics.
+//! - [`tracker`]: which connections each token and sandbox opened, so revocation closes them.
+//! - [`client`]: the HTTPS client the CLI's client commands use.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod credential;
+pub mod error;
+pub mod gateway;
+pub mod proxy;
+pub mod sandbox;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod tls;
+pub mod token;
+pub mod tracker;
+
+/// Seconds since the Unix epoch: the one clock the domain modules use.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,693 @@
+//! `sandgate`: parses the command line, loads config, sets up tracing, calls into the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use http::Method;
+use serde_json::{json, Value};
+
+use sandgate::client::{ApiClient, ApiResponse};
+use sandgate::config::Config;
+use sandgate::gateway::Gateway;
+use sandgate::server::{self, Listeners};
+
+#[derive(Parser)]
+#[command(
+    name = "sandgate",
+    version,
+    about = "A secure TLS gateway to services inside sandboxes, with short-lived connect tokens"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (TLS listener + telemetry listener).
+    Serve(ConfigArg),
+    /// Certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Create, inspect and terminate sandboxes (calls the API).
+    Sandbox {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+    /// Mint and revoke connect tokens (calls the API).
+    Token {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Manage API credentials (admin; calls the API).
+    Credential {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: CredentialCommand,
+    },
+    /// Show recent audit events (admin; calls the API).
+    Audit {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// How many events, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// Config file [default: $SANDGATE_CONFIG, then config/sandgate.toml, then built-in defaults]
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a local CA and a server certificate for the base domain (kept if present).
+    Dev(ConfigArg),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Add a new signing key. Running gateways sign with it within seconds; tokens signed by
+    /// older keys stay valid until they expire.
+    Rotate(ConfigArg),
+}
+
+#[derive(Args)]
+struct ApiArgs {
+    /// Gateway URL [env: SANDGATE_URL; default: from the local config]
+    #[arg(long, env = "SANDGATE_URL", global = true)]
+    url: Option<String>,
+    /// API key [env: SANDGATE_API_KEY; default: the local bootstrap admin key, if readable]
+    #[arg(long, env = "SANDGATE_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    /// CA certificate to trust [env: SANDGATE_CA_CERT; default: the local dev CA, if present]
+    #[arg(long, env = "SANDGATE_CA_CERT", global = true)]
+    ca: Option<PathBuf>,
+    /// Print raw JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Register a sandbox.
+    Create {
+        /// Host of a service run elsewhere (e.g. 127.0.0.1); port P is reached at HOST:P.
+        #[arg(long)]
+        upstream: String,
+        /// A published port (repeat for several).
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+        /// An origin allowed to call this sandbox cross-origin (repeat for several).
+        #[arg(long = "cors-origin")]
+        cors_origins: Vec<String>,
+        /// Send the upstream its own host:port as Host (for dev servers that accept only
+        /// localhost).
+        #[arg(long)]
+        rewrite_host: bool,
+        /// End the sandbox after this long (e.g. 30m, 2h).
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<i64>,
+        /// Metadata as a JSON object.
+        #[arg(long)]
+        metadata: Option<String>,
+    },
+    /// List sandboxes.
+    List,
+    /// Show one sandbox.
+    Get { id: String },
+    /// Terminate a sandbox: its tokens stop working and its connections close.
+    Rm { id: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a connect token for one port of a sandbox.
+    Create {
+        /// Sandbox id.
+        sandbox: String,
+        #[arg(long)]
+        port: u16,
+        /// Lifetime (e.g. 90s, 10m, 1h) [default: the gateway's default, 10m]
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<i64>,
+        /// The token works for one request (or one link exchange) only.
+        #[arg(long)]
+        single_use: bool,
+        /// User metadata as a JSON object, passed to the sandbox in X-Sandgate-User-Metadata.
+        #[arg(long)]
+        metadata: Option<String>,
+    },
+    /// Revoke a token by its id (jti); connections opened with it close.
+    Revoke { jti: String },
+}
+
+#[derive(Subcommand)]
+enum CredentialCommand {
+    /// Create an API credential; its secret is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// admin, sandboxes:read, sandboxes:write, tokens:issue, tokens:revoke (repeat).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Expire the credential after this long.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<i64>,
+        /// Longest connect-token lifetime this credential may ask for.
+        #[arg(long, value_parser = parse_duration)]
+        max_token_ttl: Option<i64>,
+    },
+    /// List credentials (never their secrets).
+    List,
+    /// Revoke a credential at once.
+    Revoke { id: String },
+}
+
+/// Exit codes scripts can rely on.
+mod exit {
+    pub(crate) const FAILURE: u8 = 1;
+    pub(crate) const UNAUTHORIZED: u8 = 3;
+    pub(crate) const NOT_FOUND: u8 = 4;
+    pub(crate) const UNREACHABLE: u8 = 5;
+    pub(crate) const INVALID: u8 = 6;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    runtime.block_on(async move {
+        match run(cli).await {
+            Ok(code) => code,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                if let Some(sandgate::client::ClientError::Connect { .. }) = err.downcast_ref() {
+                    eprintln!("hint: is `sandgate serve` running, and is SANDGATE_URL right? For the dev CA, set SANDGATE_CA_CERT=<data_dir>/certs/ca.pem");
+                    return ExitCode::from(exit::UNREACHABLE);
+                }
+                ExitCode::from(exit::FAILURE)
+            }
+        }
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(arg) => serve(arg.config.as_deref()).await,
+        Command::Certs {
+            command: CertsCommand::Dev(arg),
+        } => {
+            let config = Config::load_default(arg.config.as_deref())?;
+            let dir = config.store.certs_dir();
+            let (paths, created) =
+                sandgate::tls::ensure_dev_certs(&dir, &config.gateway.base_domain)?;
+            println!(
+                "{} dev CA and certificate for {} and *.{}",
+                if created {
+                    "Created"
+                } else {
+                    "Kept the existing"
+                },
+                config.gateway.base_domain,
+                config.gateway.base_domain
+            );
+            println!("  CA (trust this):  {}", paths.ca_cert.display());
+            println!("  certificate:      {}", paths.cert.display());
+            println!("  private key:      {}", paths.key.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys {
+            command: KeysCommand::Rotate(arg),
+        } => {
+            let config = Config::load_default(arg.config.as_deref())?;
+            let store = sandgate::store::sqlite::SqliteStore::open(&config.store.sqlite_path())?;
+            let key = sandgate::gateway::add_signing_key(&store).await?;
+            println!(
+                "Added signing key {}; running gateways sign with it within 5 s. Tokens signed by older keys stay valid until they expire.",
+                key.kid()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sandbox { api, command } => sandbox_command(api, command).await,
+        Command::Token { api, command } => token_command(api, command).await,
+        Command::Credential { api, command } => credential_command(api, command).await,
+        Command::Audit { api, limit } => {
+            let client = connect(&api)?;
+            let r = client
+                .call(Method::GET, &format!("/v1/audit?limit={limit}"), None)
+                .await?;
+            finish(&api, r, |v| {
+                table(
+                    &["TIME", "ACTOR", "ACTION", "TARGET", "CLIENT"],
+                    items(v)
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                s(e, "time"),
+                                s(e, "actor"),
+                                s(e, "action"),
+                                s(e, "target"),
+                                s(e, "client_addr"),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+    }
+}
+
+async fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = Config::load_default(config_path)?;
+    sandgate::telemetry::init_tracing(&config.telemetry.log_level, config.telemetry.log_json);
+    match &config.source {
+        Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
+        None => tracing::info!("no config file found; running on built-in defaults"),
+    }
+    let listeners = Listeners::bind(config.gateway.listen, config.telemetry.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} / {} (is another sandgate running?)",
+                config.gateway.listen, config.telemetry.listen
+            )
+        })?;
+    let gw = Gateway::open(config).await?;
+    let cfg = &gw.config;
+    let port = if cfg.gateway.public_port == 443 {
+        String::new()
+    } else {
+        format!(":{}", cfg.gateway.public_port)
+    };
+    tracing::info!(
+        api = %format!("https://{}{}/v1", cfg.gateway.base_domain, port),
+        sandboxes = %format!("https://<port>-<id>.{}{}", cfg.gateway.base_domain, port),
+        admin_key_file = %cfg.store.admin_key_path().display(),
+        telemetry = %format!("http://{}/metrics", cfg.telemetry.listen),
+        "sandgate is ready"
+    );
+    spawn_reload_on_hangup(Arc::clone(&gw));
+    server::run(gw, listeners, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// SIGHUP re-reads the certificate files; a broken file keeps the old certificate.
+fn spawn_reload_on_hangup(gw: Arc<Gateway>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match gw.certs.reload() {
+                Ok(()) => tracing::info!("certificate reloaded"),
+                Err(err) => {
+                    tracing::error!(error = %err, "certificate reload failed; keeping the old one")
+                }
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client commands
+
+/// Builds the API client, filling gaps from the local config (URL, dev CA, bootstrap key).
+fn connect(api: &ApiArgs) -> anyhow::Result<ApiClient> {
+    let local = Config::load_default(None).ok();
+    let url = match &api.url {
+        Some(u) => u.clone(),
+        None => match &local {
+            Some(c) => {
+                let port = if c.gateway.public_port == 443 {
+                    String::new()
+                } else {
+                    format!(":{}", c.gateway.public_port)
+                };
+                format!("https://{}{}", c.gateway.base_domain, port)
+            }
+            None => "https://sandbox.localhost:8443".to_string(),
+        },
+    };
+    let ca = api.ca.clone().or_else(|| {
+        local
+            .as_ref()
+            .map(|c| c.store.certs_dir().join("ca.pem"))
+            .filter(|p| p.exists())
+    });
+    let key = api.api_key.clone().or_else(|| {
+        local
+            .as_ref()
+            .and_then(|c| std::fs::read_to_string(c.store.admin_key_path()).ok())
+            .map(|k| k.trim().to_string())
+    });
+    if key.is_none() {
+        bail!(
+            "no API key: set SANDGATE_API_KEY (the bootstrap admin key is in <data_dir>/admin.key)"
+        );
+    }
+    Ok(ApiClient::new(&url, key, ca.as_deref())?)
+}
+
+/// Prints a successful answer (JSON or human form) or explains a failed one.
+fn finish(api: &ApiArgs, r: ApiResponse, human: impl FnOnce(&Value)) -> anyhow::Result<ExitCode> {
+    if r.status.is_success() {
+        let v = r.json()?;
+        if api.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            human(&v);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (code, message) = r.error().unwrap_or_else(|| {
+        (
+            "unknown".into(),
+            String::from_utf8_lossy(&r.body).into_owned(),
+        )
+    });
+    eprintln!("error: {message} ({code}, HTTP {})", r.status.as_u16());
+    let exit = match r.status.as_u16() {
+        401 => {
+            eprintln!(
+                "hint: check SANDGATE_API_KEY; the bootstrap admin key is in <data_dir>/admin.key"
+            );
+            exit::UNAUTHORIZED
+        }
+        403 => exit::UNAUTHORIZED,
+        404 => exit::NOT_FOUND,
+        400 | 409 | 413 | 422 => exit::INVALID,
+        _ => exit::FAILURE,
+    };
+    Ok(ExitCode::from(exit))
+}
+
+async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Result<ExitCode> {
+    let client = connect(&api)?;
+    let r = match &command {
+        SandboxCommand::Create {
+            upstream,
+            ports,
+            cors_origins,
+            rewrite_host,
+            timeout,
+            metadata,
+        } => {
+            let mut body = json!({
+                "upstream": upstream,
+                "ports": ports,
+                "cors_origins": cors_origins,
+                "rewrite_host": rewrite_host,
+            });
+            if let Some(t) = timeout {
+                body["timeout_secs"] = json!(t);
+            }
+            if let Some(m) = metadata {
+                body["metadata"] = parse_json_object(m, "--metadata")?;
+            }
+            client
+                .call(Method::POST, "/v1/sandboxes", Some(&body))
+                .await?
+        }
+        SandboxCommand::List => client.call(Method::GET, "/v1/sandboxes", None).await?,
+        SandboxCommand::Get { id } => {
+            client
+                .call(
+                    Method::GET,
+                    &format!("/v1/sandboxes/{}", path_segment(id)?),
+                    None,
+                )
+                .await?
+        }
+        SandboxCommand::Rm { id } => {
+            client
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/sandboxes/{}", path_segment(id)?),
+                    None,
+                )
+                .await?
+        }
+    };
+    finish(&api, r, |v| match command {
+        SandboxCommand::List => table(
+            &["ID", "STATUS", "PORTS", "OWNER", "CREATED"],
+            items(v)
+                .iter()
+                .map(|s| {
+                    vec![
+                        self::s(s, "id"),
+                        self::s(s, "status"),
+                        ports(s),
+                        self::s(s, "owner"),
+                        self::s(s, "created_at"),
+                    ]
+                })
+                .collect(),
+        ),
+        SandboxCommand::Rm { id } => println!("Terminated {id}"),
+        SandboxCommand::Create { .. } => println!("{}", s(v, "id")),
+        SandboxCommand::Get { .. } => {
+            for key in [
+                "id",
+                "status",
+                "owner",
+                "created_at",
+                "expires_at",
+                "ended_at",
+                "upstream",
+            ] {
+                println!("{key:<11} {}", s(v, key));
+            }
+            println!("{:<11} {}", "ports", ports(v));
+        }
+    })
+}
+
+async fn token_command(api: ApiArgs, command: TokenCommand) -> anyhow::Result<ExitCode> {
+    let client = connect(&api)?;
+    match command {
+        TokenCommand::Create {
+            sandbox,
+            port,
+            ttl,
+            single_use,
+            metadata,
+        } => {
+            let mut body = json!({ "port": port, "single_use": single_use });
+            if let Some(t) = ttl {
+                body["ttl_secs"] = json!(t);
+            }
+            if let Some(m) = metadata {
+                body["user_metadata"] = parse_json_object(&m, "--metadata")?;
+            }
+            let path = format!("/v1/sandboxes/{}/connect-tokens", path_segment(&sandbox)?);
+            let r = client.call(Method::POST, &path, Some(&body)).await?;
+            finish(&api, r, |v| {
+                println!("token:      {}", s(v, "token"));
+                println!("jti:        {}", s(v, "jti"));
+                println!("expires_at: {}", s(v, "expires_at"));
+                println!("url:        {}", s(v, "url"));
+            })
+        }
+        TokenCommand::Revoke { jti } => {
+            let path = format!("/v1/connect-tokens/{}", path_segment(&jti)?);
+            let r = client.call(Method::DELETE, &path, None).await?;
+            finish(&api, r, |_| println!("Revoked {jti}"))
+        }
+    }
+}
+
+async fn credential_command(api: ApiArgs, command: CredentialCommand) -> anyhow::Result<ExitCode> {
+    let client = connect(&api)?;
+    match command {
+        CredentialCommand::Create {
+            name,
+            scopes,
+            ttl,
+            max_token_ttl,
+        } => {
+            let mut body = json!({ "name": name, "scopes": scopes });
+            if let Some(t) = ttl {
+                body["ttl_secs"] = json!(t);
+            }
+            if let Some(t) = max_token_ttl {
+                body["max_token_ttl_secs"] = json!(t);
+            }
+            let r = client
+                .call(Method::POST, "/v1/credentials", Some(&body))
+                .await?;
+            finish(&api, r, |v| {
+                println!("id:     {}", s(v, "id"));
+                println!("secret: {}", s(v, "secret"));
+                println!("(the secret is shown only now; store it safely)");
+            })
+        }
+        CredentialCommand::List => {
+            let r = client.call(Method::GET, "/v1/credentials", None).await?;
+            finish(&api, r, |v| {
+                table(
+                    &["ID", "NAME", "SCOPES", "EXPIRES", "REVOKED"],
+                    items(v)
+                        .iter()
+                        .map(|c| {
+                            let scopes = c["scopes"]
+                                .as_array()
+                                .map(|a| {
+                                    a.iter()
+                                        .filter_map(Value::as_str)
+                                        .collect::<Vec<_>>()
+                                        .join(",")
+                                })
+                                .unwrap_or_default();
+                            vec![
+                                s(c, "id"),
+                                s(c, "name"),
+                                scopes,
+                                s(c, "expires_at"),
+                                s(c, "revoked_at"),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        CredentialCommand::Revoke { id } => {
+            let path = format!("/v1/credentials/{}", path_segment(&id)?);
+            let r = client.call(Method::DELETE, &path, None).await?;
+            finish(&api, r, |_| println!("Revoked {id}"))
+        }
+    }
+}
+
+fn items(v: &Value) -> Vec<Value> {
+    v["items"].as_array().cloned().unwrap_or_default()
+}
+
+fn s(v: &Value, key: &str) -> String {
+    match &v[key] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn ports(v: &Value) -> String {
+    v["ports"]
+        .as_array()
+        .map(|a| a.iter().map(Value::to_string).collect::<Vec<_>>().join(","))
+        .unwrap_or_default()
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn parse_json_object(text: &str, flag: &str) -> anyhow::Result<Value> {
+    let v: Value = serde_json::from_str(text).with_context(|| format!("{flag} is not JSON"))?;
+    if !v.is_object() {
+        bail!("{flag} must be a JSON object, like '{{\"user\": \"ada\"}}'");
+    }
+    Ok(v)
+}
+
+/// Ids go into URL paths: accept only the characters ids are made of.
+fn path_segment(id: &str) -> anyhow::Result<&str> {
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        bail!("`{id}` is not an id");
+    }
+    Ok(id)
+}
+
+/// `90`, `90s`, `10m`, `2h`, `1d` → seconds.
+fn parse_duration(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let (digits, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |i| text.split_at(i));
+    let n: i64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 90s, 10m, 2h or 1d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("`{text}` is out of range"))
+}

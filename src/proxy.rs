@@ -1,0 +1,809 @@
+//! The data plane: route → authenticate → forward.
+//!
+//! Every request on the TLS listener comes through [`Proxy::serve`]. The Host (or `:authority`)
+//! decides what it is: the base domain's control API, header-routed sandbox traffic on the base
+//! domain, host-routed sandbox traffic on `<port>-<id>.<base_domain>`, or an unknown host (421).
+//! Sandbox traffic is admitted only with a connect token valid for exactly that sandbox and
+//! port; the token is stripped and identity headers are added before the request is streamed
+//! to the sandbox's registered address, the only address the proxy ever connects to.
+
+pub mod body;
+pub mod headers;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::error::HttpError;
+use crate::gateway::Gateway;
+use crate::sandbox::{self, PortTarget, Route};
+use crate::telemetry::RouteKind;
+use crate::token::{self, Claims};
+use crate::tracker;
+use crate::unix_now;
+
+use self::body::GuardedBody;
+use self::headers::Identity;
+
+/// The client's address, put in request extensions for the control API's audit log.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// What the proxy knows about the client connection a request arrived on.
+#[derive(Debug)]
+pub struct ConnContext {
+    pub remote: SocketAddr,
+    /// Registration for revocation: cancelled when a token or sandbox it used is revoked.
+    pub conn: tracker::Connection,
+}
+
+/// How a token was presented, in order of precedence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Header,
+    Bearer,
+    Subprotocol,
+    Query,
+    Cookie,
+}
+
+/// Where a request is going, decided from its host alone.
+enum Target<'a> {
+    Base,
+    Sandbox { port: u16, id: &'a str },
+    Unknown,
+}
+
+/// The data plane service shared by every connection.
+pub struct Proxy {
+    gw: Arc<Gateway>,
+    client: Client<HttpConnector, Body>,
+    api: axum::Router,
+    /// `.<base_domain>`: the suffix of every sandbox host.
+    sandbox_suffix: Box<str>,
+    /// Cancelled when the drain deadline passes: upgraded tunnels close then.
+    hard_stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    pub fn new(gw: Arc<Gateway>, api: axum::Router, hard_stop: CancellationToken) -> Proxy {
+        let cfg = &gw.config.gateway;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(cfg.upstream_connect_timeout));
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .set_host(false)
+            .build(connector);
+        Proxy {
+            sandbox_suffix: format!(".{}", cfg.base_domain).into(),
+            gw,
+            client,
+            api,
+            hard_stop,
+        }
+    }
+
+    /// Answers one request. Never fails: every refusal is a response.
+    pub async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        ctx: Arc<ConnContext>,
+    ) -> Result<Response<Body>, Infallible> {
+        let start = Instant::now();
+        let (kind, response) = self.dispatch(req, &ctx).await;
+        self.gw
+            .metrics
+            .observe(kind, response.status().as_u16(), start.elapsed());
+        Ok(response)
+    }
+
+    async fn dispatch(
+        &self,
+        mut req: Request<Incoming>,
+        ctx: &Arc<ConnContext>,
+    ) -> (RouteKind, Response<Body>) {
+        let (host_value, host) = match request_host(&req) {
+            Ok(h) => h,
+            Err(e) => return (RouteKind::Other, e.to_response(req.headers())),
+        };
+        match self.classify(&host) {
+            Target::Base => {
+                if req.headers().contains_key(&headers::X_SANDGATE_SANDBOX) {
+                    let routed = header_route(req.headers());
+                    match routed {
+                        Ok((id, port)) => {
+                            let r = self.sandbox(req, ctx, port, &id, false, host_value).await;
+                            (RouteKind::Header, r)
+                        }
+                        Err(e) => (RouteKind::Header, e.to_response(req.headers())),
+                    }
+                } else {
+                    req.extensions_mut().insert(ClientAddr(ctx.remote));
+                    let response = match self.api.clone().oneshot(req).await {
+                        Ok(r) => r,
+                        Err(never) => match never {},
+                    };
+                    (RouteKind::Api, response)
+                }
+            }
+            Target::Sandbox { port, id } => {
+                let id = id.to_string();
+                let r = self.sandbox(req, ctx, port, &id, true, host_value).await;
+                (RouteKind::Sandbox, r)
+            }
+            Target::Unknown => (
+                RouteKind::Other,
+                HttpError::unknown_host().to_response(req.headers()),
+            ),
+        }
+    }
+
+    fn classify<'h>(&self, host: &'h str) -> Target<'h> {
+        let base = &self.sandbox_suffix[1..];
+        if host == base {
+            return Target::Base;
+        }
+        let Some(label) = host.strip_suffix(&*self.sandbox_suffix) else {
+            return Target::Unknown;
+        };
+        match parse_sandbox_label(label) {
+            Some((port, id)) => Target::Sandbox { port, id },
+            None => Target::Unknown,
+        }
+    }
+
+    /// Sandbox traffic, host-routed (`via_host`) or header-routed.
+    async fn sandbox(
+        &self,
+        req: Request<Incoming>,
+        ctx: &Arc<ConnContext>,
+        port: u16,
+        id: &str,
+        via_host: bool,
+        host: HeaderValue,
+    ) -> Response<Body> {
+        if via_host && is_preflight(&req) {
+            return self.preflight(req.headers(), id);
+        }
+        let (parts, body) = req.into_parts();
+        match self.admit(&parts, ctx, port, id, via_host).await {
+            Ok(Admitted::Forward { claims, route }) => {
+                self.forward(parts, body, ctx, &route, port, &claims, via_host, host)
+                    .await
+            }
+            Ok(Admitted::Exchange {
+                claims,
+                cookie_token,
+            }) => exchange(&parts.uri, &host, &claims, &cookie_token)
+                .unwrap_or_else(|e| e.to_response(&parts.headers)),
+            Err(e) => e.to_response(&parts.headers),
+        }
+    }
+
+    /// Finds, verifies and scopes the token; checks the sandbox and the browser rules.
+    async fn admit(
+        &self,
+        parts: &Parts,
+        ctx: &ConnContext,
+        port: u16,
+        id: &str,
+        via_host: bool,
+    ) -> Result<Admitted, HttpError> {
+        let Some((transport, token)) = find_token(parts, via_host)? else {
+            return Err(HttpError::token_missing());
+        };
+        let now = unix_now();
+        let claims = self.gw.tokens.verify(token, now)?;
+        if claims.sbx != id || claims.port != port {
+            return Err(HttpError::token_scope());
+        }
+        let route = match self.gw.routes.get(id) {
+            Some(route) if route.live => route,
+            _ => return Err(HttpError::sandbox_terminated()),
+        };
+        if route.port(port).is_none() {
+            return Err(HttpError::token_scope());
+        }
+        if claims.once {
+            if !self.gw.tokens.mark_used(&claims.jti, claims.exp) {
+                return Err(token::TokenError::AlreadyUsed.into());
+            }
+            let store = Arc::clone(&self.gw.store);
+            let (jti, exp) = (claims.jti.clone(), claims.exp);
+            tokio::spawn(async move {
+                if let Err(err) = store.mark_token_used(&jti, exp).await {
+                    tracing::error!(error = %err, "could not persist a single-use token's use");
+                }
+            });
+        }
+        if transport == Transport::Query {
+            // The cookie carries a reusable copy of the same grant (same jti, so revoking the
+            // token ends the session too).
+            let cookie_token = if claims.once {
+                let mut reusable = (*claims).clone();
+                reusable.once = false;
+                self.gw.tokens.sign(&reusable)?
+            } else {
+                token.to_string()
+            };
+            return Ok(Admitted::Exchange {
+                claims,
+                cookie_token,
+            });
+        }
+        if transport == Transport::Cookie
+            && !cookie_request_allowed(&parts.method, &parts.headers, &route)
+        {
+            return Err(HttpError::forbidden(
+                "a request from another origin may not use this sandbox's browser session",
+            ));
+        }
+        ctx.conn.admit(&claims.jti, id);
+        Ok(Admitted::Forward { claims, route })
+    }
+
+    /// Streams the request to the sandbox and its answer back.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        parts: Parts,
+        body: Incoming,
+        ctx: &Arc<ConnContext>,
+        route: &Route,
+        port: u16,
+        claims: &Claims,
+        via_host: bool,
+        host: HeaderValue,
+    ) -> Response<Body> {
+        let cfg = &self.gw.config.gateway;
+        let Parts {
+            method,
+            uri,
+            version,
+            headers: mut hdrs,
+            mut extensions,
+            ..
+        } = parts;
+        let wants_html = crate::error::prefers_html(&hdrs);
+        let fail = |e: HttpError| {
+            if wants_html {
+                e.html_response()
+            } else {
+                e.json_response()
+            }
+        };
+        let Some(target) = route.port(port) else {
+            return fail(HttpError::token_scope());
+        };
+
+        if let Some(len) = hdrs
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if len > cfg.max_body_bytes {
+                return fail(HttpError::body_too_large());
+            }
+        }
+
+        let origin = hdrs.get(header::ORIGIN).cloned();
+        let upgrade = headers::strip_request(&mut hdrs);
+        strip_bearer(&mut hdrs);
+        if via_host {
+            headers::remove_cookie(&mut hdrs);
+        }
+        let offered_marker = headers::remove_subprotocols(&mut hdrs);
+        if route.rewrite_host {
+            hdrs.insert(header::HOST, target.host_header.clone());
+        } else {
+            hdrs.insert(header::HOST, host.clone());
+        }
+        let metadata = claims
+            .md
+            .as_ref()
+            .map(|m| serde_json::to_string(m).unwrap_or_else(|_| "{}".into()));
+        headers::add_identity(
+            &mut hdrs,
+            &Identity {
+                subject: &claims.sub,
+                token_id: &claims.jti,
+                metadata: metadata.as_deref().unwrap_or("{}"),
+                client_ip: ctx.remote.ip(),
+                host: &host,
+            },
+        );
+        let upstream_uri = match upstream_uri(target, &uri) {
+            Ok(u) => u,
+            Err(e) => return fail(e),
+        };
+
+        if let Some(upgrade) =
+            upgrade.filter(|_| version == Version::HTTP_11 && method == Method::GET)
+        {
+            hdrs.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            hdrs.insert(header::UPGRADE, upgrade);
+            let on_client_upgrade = extensions.remove::<hyper::upgrade::OnUpgrade>();
+            let mut up = Request::new(Body::empty());
+            *up.method_mut() = method;
+            *up.uri_mut() = upstream_uri;
+            *up.headers_mut() = hdrs;
+            return match self
+                .upgrade(up, on_client_upgrade, target, ctx, offered_marker)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => fail(e),
+            };
+        }
+
+        let body = Body::new(GuardedBody::new(
+            body,
+            cfg.max_body_bytes,
+            cfg.body_read_timeout,
+        ));
+        let mut up = Request::new(body);
+        *up.method_mut() = method;
+        *up.uri_mut() = upstream_uri;
+        *up.headers_mut() = hdrs;
+        let response = match tokio::time::timeout(
+            cfg.upstream_response_timeout,
+            self.client.request(up),
+        )
+        .await
+        {
+            Err(_) => return fail(HttpError::upstream_timeout()),
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, sandbox = %route.id, "upstream request failed");
+                return fail(HttpError::upstream_unreachable());
+            }
+            Ok(Ok(r)) => r,
+        };
+        let (mut rparts, rbody) = response.into_parts();
+        headers::strip_response(&mut rparts.headers);
+        add_cors(&mut rparts.headers, origin.as_ref(), route);
+        Response::from_parts(rparts, Body::new(rbody))
+    }
+
+    /// Proxies a WebSocket upgrade on a dedicated upstream connection: a 101 becomes a tunnel
+    /// both ways; anything else is relayed and the connection is never reused.
+    async fn upgrade(
+        &self,
+        up: Request<Body>,
+        on_client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        target: &PortTarget,
+        ctx: &Arc<ConnContext>,
+        offered_marker: bool,
+    ) -> Result<Response<Body>, HttpError> {
+        let cfg = &self.gw.config.gateway;
+        let Some(on_client_upgrade) = on_client_upgrade else {
+            return Err(HttpError::bad_request("this connection cannot be upgraded"));
+        };
+        let stream = match tokio::time::timeout(
+            cfg.upstream_connect_timeout,
+            tokio::net::TcpStream::connect(target.authority.as_str()),
+        )
+        .await
+        {
+            Err(_) => return Err(HttpError::upstream_timeout()),
+            Ok(Err(_)) => return Err(HttpError::upstream_unreachable()),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| HttpError::upstream_unreachable())?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let mut response = match tokio::time::timeout(
+            cfg.upstream_response_timeout,
+            sender.send_request(up),
+        )
+        .await
+        {
+            Err(_) => return Err(HttpError::upstream_timeout()),
+            Ok(Err(_)) => return Err(HttpError::upstream_unreachable()),
+            Ok(Ok(r)) => r,
+        };
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (mut rparts, rbody) = response.into_parts();
+            headers::strip_response(&mut rparts.headers);
+            return Ok(Response::from_parts(rparts, Body::new(rbody)));
+        }
+        let on_upstream_upgrade = hyper::upgrade::on(&mut response);
+        let mut client_response = Response::new(Body::empty());
+        *client_response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let out = client_response.headers_mut();
+        for (name, value) in response.headers() {
+            out.append(name.clone(), value.clone());
+        }
+        if offered_marker && !out.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
+            out.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(headers::SUBPROTOCOL_MARKER),
+            );
+        }
+        self.gw.metrics.upgrades.inc();
+        let ctx = Arc::clone(ctx);
+        let hard_stop = self.hard_stop.clone();
+        let metrics = Arc::clone(&self.gw.metrics);
+        tokio::spawn(async move {
+            let (client, upstream) = match tokio::join!(on_client_upgrade, on_upstream_upgrade) {
+                (Ok(c), Ok(u)) => (c, u),
+                _ => return,
+            };
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                _ = ctx.conn.cancelled().cancelled() => {
+                    metrics.revoked_connections.inc();
+                }
+                _ = hard_stop.cancelled() => {}
+            }
+        });
+        Ok(client_response)
+    }
+
+    /// Answers a CORS preflight on a sandbox host, for listed origins only.
+    fn preflight(&self, hdrs: &HeaderMap, id: &str) -> Response<Body> {
+        let origin = hdrs.get(header::ORIGIN);
+        let allowed = origin
+            .and_then(|o| o.to_str().ok())
+            .zip(self.gw.routes.get(id))
+            .is_some_and(|(o, route)| route.live && route.allows_origin(o));
+        let (Some(origin), true) = (origin, allowed) else {
+            return HttpError::forbidden("this origin may not call this sandbox").to_response(hdrs);
+        };
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        let out = response.headers_mut();
+        out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        out.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        if let Some(m) = hdrs.get(header::ACCESS_CONTROL_REQUEST_METHOD) {
+            out.insert(header::ACCESS_CONTROL_ALLOW_METHODS, m.clone());
+        }
+        if let Some(h) = hdrs.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+            out.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, h.clone());
+        }
+        out.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        out.insert(header::VARY, HeaderValue::from_static("Origin"));
+        out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+/// The outcome of admission.
+enum Admitted {
+    /// Forward the request to the sandbox.
+    Forward {
+        claims: Arc<Claims>,
+        route: Arc<Route>,
+    },
+    /// A query-parameter token: answer with the cookie exchange.
+    Exchange {
+        claims: Arc<Claims>,
+        cookie_token: String,
+    },
+}
+
+/// The request's host: its value as received and its canonical form (lowercase, no port, no
+/// trailing dot). A missing, duplicated or contradictory host is a bad request.
+fn request_host(req: &Request<Incoming>) -> Result<(HeaderValue, String), HttpError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let header_host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(HttpError::bad_request("more than one Host header"));
+    }
+    let uri_host = req.uri().authority();
+    let value = match (header_host, uri_host) {
+        (Some(h), Some(a)) => {
+            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+                return Err(HttpError::bad_request(
+                    "the request target's authority and the Host header disagree",
+                ));
+            }
+            h.clone()
+        }
+        (Some(h), None) => h.clone(),
+        (None, Some(a)) => HeaderValue::from_str(a.as_str())
+            .map_err(|_| HttpError::bad_request("invalid authority"))?,
+        (None, None) => return Err(HttpError::bad_request("the request has no Host")),
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| HttpError::bad_request("invalid Host header"))?;
+    let canonical =
+        canonical_host(text).ok_or_else(|| HttpError::bad_request("invalid Host header"))?;
+    Ok((value, canonical))
+}
+
+/// Lowercases, drops a `:port` and a trailing dot. `None` for malformed hosts.
+pub fn canonical_host(host: &str) -> Option<String> {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // IPv6 literal: never a sandbox or base host, but not malformed either.
+        let end = rest.find(']')?;
+        &host[..end + 2]
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) => {
+                if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.len() > 5 {
+                    return None;
+                }
+                name
+            }
+            None => host,
+        }
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'[' | b']' | b':'))
+    {
+        return None;
+    }
+    Some(name.to_ascii_lowercase())
+}
+
+/// Parses `<port>-<id>`: a decimal port 1–65535 without sign or leading zero, and a sandbox id.
+pub fn parse_sandbox_label(label: &str) -> Option<(u16, &str)> {
+    let (port, id) = label.split_once('-')?;
+    if port.is_empty()
+        || port.len() > 5
+        || port.starts_with('0')
+        || !port.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    sandbox::is_valid_id(id).then_some((port, id))
+}
+
+/// Header routing: `X-Sandgate-Sandbox` and `X-Sandgate-Port`.
+fn header_route(hdrs: &HeaderMap) -> Result<(String, u16), HttpError> {
+    let id = hdrs
+        .get(&headers::X_SANDGATE_SANDBOX)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|id| sandbox::is_valid_id(id))
+        .ok_or_else(|| HttpError::bad_request("X-Sandgate-Sandbox is not a sandbox id"))?;
+    let port = hdrs
+        .get(&headers::X_SANDGATE_PORT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u16>().ok())
+        .filter(|p| *p != 0)
+        .ok_or_else(|| HttpError::bad_request("X-Sandgate-Port must be a port number 1-65535"))?;
+    Ok((id.to_string(), port))
+}
+
+/// The token a request presents, by the contract's precedence. The query parameter and the
+/// cookie count only on sandbox hosts (header routing never reads cookies).
+fn find_token(parts: &Parts, via_host: bool) -> Result<Option<(Transport, &str)>, HttpError> {
+    let hdrs = &parts.headers;
+    if let Some(v) = hdrs.get(&headers::X_SANDGATE_TOKEN) {
+        let t = v.to_str().map_err(|_| token::TokenError::Malformed)?;
+        return Ok(Some((Transport::Header, t.trim())));
+    }
+    for v in hdrs.get_all(header::AUTHORIZATION) {
+        if let Some(t) = bearer_value(v).filter(|t| token::looks_like_ours(t)) {
+            return Ok(Some((Transport::Bearer, t)));
+        }
+    }
+    if let Some(t) = headers::find_subprotocol_token(hdrs) {
+        return Ok(Some((Transport::Subprotocol, t)));
+    }
+    if !via_host {
+        return Ok(None);
+    }
+    if let Some(q) = parts.uri.query() {
+        if let (Some(t), _) = headers::split_query_token(q) {
+            return Ok(Some((Transport::Query, t)));
+        }
+    }
+    Ok(headers::find_cookie(hdrs).map(|t| (Transport::Cookie, t)))
+}
+
+fn bearer_value(v: &HeaderValue) -> Option<&str> {
+    let v = v.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// Removes `Authorization` values that carry a sandgate token; the app's own pass through.
+fn strip_bearer(hdrs: &mut HeaderMap) {
+    let ours = hdrs
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .any(|v| bearer_value(v).is_some_and(token::looks_like_ours));
+    if !ours {
+        return;
+    }
+    let kept: Vec<HeaderValue> = hdrs
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter(|v| !bearer_value(v).is_some_and(token::looks_like_ours))
+        .cloned()
+        .collect();
+    hdrs.remove(header::AUTHORIZATION);
+    for v in kept {
+        hdrs.append(header::AUTHORIZATION, v);
+    }
+}
+
+fn is_preflight(req: &Request<Incoming>) -> bool {
+    req.method() == Method::OPTIONS
+        && req.headers().contains_key(header::ORIGIN)
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// The browser rule for cookie-authenticated requests: same origin, a listed origin, or a
+/// top-level navigation. Sibling sandboxes are same-site, so `SameSite=Lax` alone would let
+/// them use each other's sessions.
+fn cookie_request_allowed(method: &Method, hdrs: &HeaderMap, route: &Route) -> bool {
+    let get = |name: &str| hdrs.get(name).and_then(|v| v.to_str().ok());
+    if (method == Method::GET || method == Method::HEAD)
+        && get("sec-fetch-mode") == Some("navigate")
+        && get("sec-fetch-dest") == Some("document")
+    {
+        return true;
+    }
+    match hdrs.get(header::ORIGIN).map(|o| o.to_str()) {
+        Some(Ok(origin)) => {
+            let own = hdrs
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .zip(origin.strip_prefix("https://"))
+                .is_some_and(|(host, o)| o.eq_ignore_ascii_case(host));
+            own || route.allows_origin(origin)
+        }
+        Some(Err(_)) => false,
+        None => !matches!(get("sec-fetch-site"), Some("same-site" | "cross-site")),
+    }
+}
+
+/// Adds CORS response headers for a listed origin when the app did not set its own.
+fn add_cors(out: &mut HeaderMap, origin: Option<&HeaderValue>, route: &Route) {
+    let Some(origin) = origin else { return };
+    if out.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
+        return;
+    }
+    if origin.to_str().is_ok_and(|o| route.allows_origin(o)) {
+        out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        out.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        out.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+}
+
+/// `http://<target><path>?<query without our parameter>`; the path is kept byte for byte.
+fn upstream_uri(target: &PortTarget, uri: &Uri) -> Result<Uri, HttpError> {
+    let path = uri.path();
+    let path = if path.is_empty() { "/" } else { path };
+    if !path.starts_with('/') {
+        return Err(HttpError::bad_request("the request target must be a path"));
+    }
+    let mut s = String::with_capacity(16 + target.authority.as_str().len() + path.len() + 64);
+    s.push_str("http://");
+    s.push_str(target.authority.as_str());
+    s.push_str(path);
+    if let Some(q) = uri.query() {
+        if headers::query_has_token(q) {
+            let (_, rest) = headers::split_query_token(q);
+            if !rest.is_empty() {
+                s.push('?');
+                s.push_str(&rest);
+            }
+        } else {
+            s.push('?');
+            s.push_str(q);
+        }
+    }
+    s.parse()
+        .map_err(|_| HttpError::bad_request("the request target cannot be forwarded"))
+}
+
+/// The query-parameter exchange: 303 to the same URL without the token, with the session
+/// cookie. The target is absolute on the same host, so no path can turn it into a redirect
+/// elsewhere (`//evil`, `/\evil`).
+fn exchange(
+    uri: &Uri,
+    host: &HeaderValue,
+    claims: &Claims,
+    cookie_token: &str,
+) -> Result<Response<Body>, HttpError> {
+    let host = host
+        .to_str()
+        .map_err(|_| HttpError::bad_request("invalid Host header"))?;
+    let (_, rest) = headers::split_query_token(uri.query().unwrap_or(""));
+    let path = uri.path();
+    let mut location = format!("https://{host}{path}");
+    if !rest.is_empty() {
+        location.push('?');
+        location.push_str(&rest);
+    }
+    let location = HeaderValue::from_str(&location)
+        .map_err(|_| HttpError::bad_request("the address cannot be redirected"))?;
+    let max_age = (claims.exp - unix_now()).max(0);
+    let cookie = HeaderValue::from_str(&format!(
+        "{}={cookie_token}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={max_age}",
+        headers::COOKIE_NAME
+    ))
+    .map_err(|_| HttpError::internal())?;
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SEE_OTHER;
+    let out = response.headers_mut();
+    out.insert(header::LOCATION, location);
+    out.insert(header::SET_COOKIE, cookie);
+    out.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_canonicalised() {
+        assert_eq!(
+            canonical_host("Sandbox.LOCALHOST:8443").unwrap(),
+            "sandbox.localhost"
+        );
+        assert_eq!(
+            canonical_host("sandbox.localhost.").unwrap(),
+            "sandbox.localhost"
+        );
+        assert_eq!(canonical_host("[::1]:8443").unwrap(), "[::1]");
+        assert!(canonical_host("a b").is_none());
+        assert!(canonical_host("host:").is_none());
+        assert!(canonical_host("host:x1").is_none());
+        assert!(canonical_host("").is_none());
+    }
+
+    #[test]
+    fn sandbox_labels() {
+        let id = "abcdefghijklmnopqrstuvwx";
+        assert_eq!(parse_sandbox_label(&format!("8000-{id}")), Some((8000, id)));
+        assert!(parse_sandbox_label(&format!("0-{id}")).is_none());
+        assert!(parse_sandbox_label(&format!("08000-{id}")).is_none());
+        assert!(parse_sandbox_label(&format!("70000-{id}")).is_none());
+        assert!(parse_sandbox_label(&format!("+80-{id}")).is_none());
+        assert!(parse_sandbox_label("8000-short").is_none());
+        assert!(parse_sandbox_label(id).is_none());
+    }
+}

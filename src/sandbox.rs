@@ -1,0 +1,201 @@
+//! Sandboxes as the data plane sees them: the in-memory route table.
+//!
+//! The proxy's hot path reads only this table (a `DashMap` keyed by sandbox id), never the
+//! store. The control plane keeps it in step with the store: every create, terminate and
+//! restart-time load goes through [`Routes::upsert`] or [`Routes::remove`].
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use http::uri::Authority;
+use http::HeaderValue;
+use rand::Rng;
+
+use crate::store::{SandboxRecord, SandboxStatus};
+
+/// Length of a sandbox id: 24 characters of `[a-z0-9]` carry 124 bits of randomness.
+pub const ID_LEN: usize = 24;
+
+/// A new unguessable, DNS-label-safe sandbox id.
+pub fn new_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..ID_LEN)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// True for strings shaped like sandbox ids (lowercase letters and digits, 20–64 chars).
+pub fn is_valid_id(id: &str) -> bool {
+    (20..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// Where one published port's traffic goes.
+#[derive(Debug, Clone)]
+pub struct PortTarget {
+    /// The port as it appears in URLs and tokens.
+    pub published: u16,
+    /// `host:port` of the service, used for the upstream URI.
+    pub authority: Authority,
+    /// The same as a `Host` value, for sandboxes created with `rewrite_host`.
+    pub host_header: HeaderValue,
+}
+
+/// One sandbox's routing entry.
+#[derive(Debug)]
+pub struct Route {
+    pub id: String,
+    pub owner: String,
+    /// False once the sandbox has ended: its tokens answer 410.
+    pub live: bool,
+    pub ports: Vec<PortTarget>,
+    /// Origins allowed to use a cookie session cross-origin, and to pass CORS preflights.
+    pub cors_origins: Vec<String>,
+    pub rewrite_host: bool,
+}
+
+impl Route {
+    /// Builds the entry for a stored sandbox. `None` when the record names no reachable
+    /// address (a process sandbox whose ports were never mapped).
+    pub fn from_record(record: &SandboxRecord) -> Option<Route> {
+        let mut ports = Vec::with_capacity(record.ports.len());
+        for &published in &record.ports {
+            let (host, port) = match (&record.upstream, record.host_ports.get(&published)) {
+                (_, Some(&host_port)) => ("127.0.0.1", host_port),
+                (Some(upstream), None) => (upstream.as_str(), published),
+                (None, None) => return None,
+            };
+            let text = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            let authority: Authority = text.parse().ok()?;
+            let host_header = HeaderValue::from_str(&text).ok()?;
+            ports.push(PortTarget {
+                published,
+                authority,
+                host_header,
+            });
+        }
+        Some(Route {
+            id: record.id.clone(),
+            owner: record.owner.clone(),
+            live: matches!(
+                record.status,
+                SandboxStatus::Starting | SandboxStatus::Running
+            ),
+            ports,
+            cors_origins: record.cors_origins.clone(),
+            rewrite_host: record.rewrite_host,
+        })
+    }
+
+    /// The target of a published port; `None` for a port the sandbox does not publish.
+    pub fn port(&self, published: u16) -> Option<&PortTarget> {
+        self.ports.iter().find(|p| p.published == published)
+    }
+
+    /// True when `origin` (as sent by a browser) is listed for this sandbox.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        self.cors_origins
+            .iter()
+            .any(|o| o.eq_ignore_ascii_case(origin))
+    }
+}
+
+/// The route table: sandbox id → route.
+#[derive(Debug, Default)]
+pub struct Routes {
+    map: DashMap<String, Arc<Route>, foldhash::fast::RandomState>,
+}
+
+impl Routes {
+    pub fn new() -> Routes {
+        Routes::default()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Route>> {
+        self.map.get(id).map(|r| Arc::clone(r.value()))
+    }
+
+    /// Inserts or replaces the entry for a record.
+    pub fn upsert(&self, record: &SandboxRecord) {
+        match Route::from_record(record) {
+            Some(route) => {
+                self.map.insert(record.id.clone(), Arc::new(route));
+            }
+            None => {
+                self.map.remove(&record.id);
+            }
+        }
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.map.remove(id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn record(upstream: Option<&str>) -> SandboxRecord {
+        SandboxRecord {
+            id: new_id(),
+            owner: "cred_x".into(),
+            status: SandboxStatus::Running,
+            ports: vec![8000, 9000],
+            upstream: upstream.map(str::to_string),
+            command: None,
+            env: BTreeMap::new(),
+            cors_origins: vec!["https://app.example.com".into()],
+            rewrite_host: false,
+            metadata: serde_json::json!({}),
+            created_at: 0,
+            expires_at: None,
+            ended_at: None,
+            host_ports: BTreeMap::new(),
+            node: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn ids_are_dns_safe_and_distinct() {
+        let a = new_id();
+        assert!(is_valid_id(&a));
+        assert_ne!(a, new_id());
+        assert!(!is_valid_id("short"));
+        assert!(!is_valid_id("ABCDEFGHIJKLMNOPQRSTUVWX"));
+        assert!(!is_valid_id("abcdefghij-klmnopqrstuvwx"));
+    }
+
+    #[test]
+    fn upstream_and_process_targets() {
+        let r = Route::from_record(&record(Some("10.0.3.7"))).unwrap();
+        assert_eq!(r.port(8000).unwrap().authority.as_str(), "10.0.3.7:8000");
+        assert!(r.port(8001).is_none());
+        let r = Route::from_record(&record(Some("::1"))).unwrap();
+        assert_eq!(r.port(9000).unwrap().authority.as_str(), "[::1]:9000");
+        let mut p = record(None);
+        p.host_ports = BTreeMap::from([(8000, 41000), (9000, 41001)]);
+        let r = Route::from_record(&p).unwrap();
+        assert_eq!(r.port(9000).unwrap().authority.as_str(), "127.0.0.1:41001");
+        assert!(Route::from_record(&record(None)).is_none());
+        assert!(r.allows_origin("https://APP.example.com"));
+        assert!(!r.allows_origin("https://evil.example.com"));
+    }
+}

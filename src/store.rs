@@ -1,0 +1,853 @@
+//! Durable state: signing keys, credentials, sandboxes, token revocations and single-use marks,
+//! and the audit log.
+//!
+//! Callers hold an `Arc<dyn Store>` and never see the backend. The trait is shaped so that a
+//! PostgreSQL implementation (cluster mode) can be added without touching them: records are
+//! plain owned structs, times are `i64` Unix seconds, lists and maps are Rust collections (each
+//! backend picks its own column encoding), and errors are the backend-neutral [`StoreError`].
+//! [`sqlite::SqliteStore`] is the embedded default.
+//!
+//! The store is the source of truth, not a hot-path cache: the data plane keeps its own
+//! in-memory views (route table, revocation set) and reloads them from here.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::credential::{Scope, SecretHash};
+
+/// How long past its `exp` a revoked or used token's entry stays listed and stored.
+///
+/// Verifiers accept a token up to their leeway (at most 30 s) after `exp`, so an entry must
+/// outlive `exp` by more than that; after this grace, the token fails on `exp` alone and the
+/// entry is dead weight that [`Store::prune`] removes.
+pub const EXPIRED_TOKEN_GRACE_SECS: i64 = 60;
+
+/// A connect-token signing key as stored.
+///
+/// `private_der` is opaque to the store: PKCS#8 DER for the embedded store, or the same
+/// encrypted under the cluster key-encryption key when shared through PostgreSQL. Either way it
+/// is secret, so `Debug` shows only its length.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredSigningKey {
+    /// Key id, published in the JWKS and in each token's `kid` header.
+    pub kid: String,
+    /// When the key was made; the newest key signs, older ones only verify.
+    pub created_at: i64,
+    /// The private key bytes (see the type's doc).
+    pub private_der: Vec<u8>,
+}
+
+impl fmt::Debug for StoredSigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredSigningKey")
+            .field("kid", &self.kid)
+            .field("created_at", &self.created_at)
+            .field(
+                "private_der",
+                &format_args!("<redacted {} bytes>", self.private_der.len()),
+            )
+            .finish()
+    }
+}
+
+/// An API key as stored: never the secret itself, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialRecord {
+    /// `cred_...`, shown in the API, used as a token's `sub` and as a sandbox's `owner`.
+    pub id: String,
+    /// Human label given at creation.
+    pub name: String,
+    /// What the key may do; `admin` implies the rest.
+    pub scopes: Vec<Scope>,
+    /// SHA-256 of the secret; unique, and the key authentication looks up by.
+    pub secret_hash: SecretHash,
+    pub created_at: i64,
+    /// After this the key no longer authenticates; `None` never expires.
+    pub expires_at: Option<i64>,
+    /// Caps the TTL of connect tokens this key mints, below the gateway-wide maximum.
+    pub max_token_ttl_secs: Option<i64>,
+    /// Set once by [`Store::revoke_credential`]; a revoked key never authenticates again.
+    pub revoked_at: Option<i64>,
+}
+
+impl CredentialRecord {
+    /// Whether the key may authenticate at `now`: not revoked and not expired.
+    pub fn is_active(&self, now: i64) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|exp| now < exp)
+    }
+}
+
+/// Life-cycle of a sandbox. Wire names are lowercase (`"running"`), as in the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxStatus {
+    /// Created; its process is starting or its upstream not yet confirmed.
+    Starting,
+    /// Serving: tokens for it are honoured.
+    Running,
+    /// Terminated by the API or its timeout.
+    Stopped,
+    /// Its process exited or could not start.
+    Failed,
+    /// Cluster mode: the node running it stopped answering.
+    Lost,
+}
+
+impl SandboxStatus {
+    /// Every status, for parsing and exhaustive tests.
+    pub const ALL: [SandboxStatus; 5] = [
+        SandboxStatus::Starting,
+        SandboxStatus::Running,
+        SandboxStatus::Stopped,
+        SandboxStatus::Failed,
+        SandboxStatus::Lost,
+    ];
+
+    /// The wire and storage name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SandboxStatus::Starting => "starting",
+            SandboxStatus::Running => "running",
+            SandboxStatus::Stopped => "stopped",
+            SandboxStatus::Failed => "failed",
+            SandboxStatus::Lost => "lost",
+        }
+    }
+
+    /// Parses a name produced by [`SandboxStatus::as_str`].
+    pub fn parse(s: &str) -> Option<SandboxStatus> {
+        SandboxStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether the sandbox can still serve traffic (and so its tokens are still worth checking
+    /// further); every other status is final and answers 410.
+    pub fn is_live(&self) -> bool {
+        matches!(self, SandboxStatus::Starting | SandboxStatus::Running)
+    }
+}
+
+impl fmt::Display for SandboxStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A sandbox as stored. `Debug` prints `env` keys but not values, since environments routinely
+/// carry API keys for the code inside.
+#[derive(Clone, PartialEq)]
+pub struct SandboxRecord {
+    /// DNS-label-safe, unguessable id (lowercase alphanumerics, ≥ 20 chars).
+    pub id: String,
+    /// Id of the credential that created it; non-admins see only their own.
+    pub owner: String,
+    pub status: SandboxStatus,
+    /// Published ports, as they appear in URLs; nothing else is reachable.
+    pub ports: Vec<u16>,
+    /// Host of an externally run sandbox (`upstream:port`); `None` for process sandboxes.
+    pub upstream: Option<String>,
+    /// The command of a process sandbox; `None` for external ones.
+    pub command: Option<Vec<String>>,
+    /// Extra environment for the command.
+    pub env: BTreeMap<String, String>,
+    /// Origins allowed cross-origin (CORS and cookie-authenticated requests).
+    pub cors_origins: Vec<String>,
+    /// Send the upstream's own `host:port` as `Host` instead of the one received.
+    pub rewrite_host: bool,
+    /// Caller-supplied JSON, returned as is.
+    pub metadata: serde_json::Value,
+    pub created_at: i64,
+    /// When the sandbox times out; `None` runs until deleted.
+    pub expires_at: Option<i64>,
+    /// When it reached a final status.
+    pub ended_at: Option<i64>,
+    /// Published port → host port, for process sandboxes: kept so a restart (or another node)
+    /// can still route to a process that outlived it, and so ports are not handed out twice.
+    pub host_ports: BTreeMap<u16, u16>,
+    /// Cluster mode: the node that runs it (where `host_ports` are bound).
+    pub node: Option<String>,
+    /// Why it failed or was lost, e.g. an exit status and log tail; for humans only.
+    pub detail: Option<String>,
+}
+
+impl fmt::Debug for SandboxRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct EnvKeys<'a>(&'a BTreeMap<String, String>);
+        impl fmt::Debug for EnvKeys<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_map()
+                    .entries(self.0.keys().map(|k| (k, format_args!("<redacted>"))))
+                    .finish()
+            }
+        }
+        f.debug_struct("SandboxRecord")
+            .field("id", &self.id)
+            .field("owner", &self.owner)
+            .field("status", &self.status)
+            .field("ports", &self.ports)
+            .field("upstream", &self.upstream)
+            .field("command", &self.command)
+            .field("env", &EnvKeys(&self.env))
+            .field("cors_origins", &self.cors_origins)
+            .field("rewrite_host", &self.rewrite_host)
+            .field("metadata", &self.metadata)
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .field("ended_at", &self.ended_at)
+            .field("host_ports", &self.host_ports)
+            .field("node", &self.node)
+            .field("detail", &self.detail)
+            .finish()
+    }
+}
+
+/// One audit-log entry. Its serialized form is the API's audit event object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Assigned by the store, increasing in insertion order; pass 0 when appending.
+    pub id: i64,
+    pub time: i64,
+    /// Who did it: a credential id, or e.g. `"system"` for timeouts.
+    pub actor: String,
+    /// What happened, e.g. `"sandbox.create"`, `"token.revoke"`.
+    pub action: String,
+    /// What it happened to: a sandbox id, credential id or token `jti`.
+    pub target: String,
+    /// The client's address, when the event came from a request.
+    pub client_addr: Option<String>,
+}
+
+/// A boxed backend error, kept as the `source` of [`StoreError`] variants.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a store operation failed. Backend-neutral so callers (and `error.rs`) never match on
+/// SQLite or PostgreSQL error types.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The record to change does not exist (e.g. [`Store::update_sandbox`] on an unknown id).
+    /// Lookups that may legitimately miss return `Ok(None)` instead.
+    #[error("record not found")]
+    NotFound,
+    /// The write collides with an existing record (duplicate id, kid or secret hash). The
+    /// message names what collided, not any secret.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The backend cannot serve the request right now (locked or busy past the timeout, I/O
+    /// error, disk full, connection lost). Retrying later may succeed; maps to 503.
+    #[error("store unavailable")]
+    Unavailable(#[source] BoxError),
+    /// Stored data cannot be decoded (bad JSON column, unknown scope, wrong-length hash) or the
+    /// database file is damaged. Needs an operator; retrying will not help.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The database was written by a newer sandgate whose schema this build does not know;
+    /// refusing to run beats misreading it.
+    #[error("database schema version {found} is newer than this build supports ({supported}); upgrade sandgate")]
+    SchemaTooNew { found: i64, supported: i64 },
+    /// The store could not be opened or created at `path` (permissions, missing parent, not a
+    /// database). Only [`sqlite::SqliteStore::open`] returns it.
+    #[error("cannot open store at {path}")]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: BoxError,
+    },
+    /// Any other backend failure: a bug (bad query, API misuse) rather than a state of the world.
+    #[error("store backend error")]
+    Backend(#[source] BoxError),
+}
+
+/// Durable state behind every gateway. Object safe: used as `Arc<dyn Store>`.
+///
+/// Implementations must make each method atomic on its own; none of them spans several calls
+/// in a transaction. Ordering guarantees are stated per method and checked by the shared
+/// conformance tests (`store::conformance`), which every backend runs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// All signing keys, oldest first (the last one is the newest, which signs).
+    async fn signing_keys(&self) -> Result<Vec<StoredSigningKey>, StoreError>;
+    /// Adds a key; [`StoreError::Conflict`] if the `kid` exists.
+    async fn insert_signing_key(&self, key: &StoredSigningKey) -> Result<(), StoreError>;
+
+    /// Adds a credential; [`StoreError::Conflict`] if the id or the secret hash exists.
+    async fn insert_credential(&self, c: &CredentialRecord) -> Result<(), StoreError>;
+    /// All credentials, revoked and expired ones included, oldest first.
+    async fn credentials(&self) -> Result<Vec<CredentialRecord>, StoreError>;
+    /// One credential by id.
+    async fn credential(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError>;
+    /// The credential whose secret hashes to `hash`, revoked or not (the caller checks
+    /// [`CredentialRecord::is_active`]).
+    async fn credential_by_hash(
+        &self,
+        hash: &SecretHash,
+    ) -> Result<Option<CredentialRecord>, StoreError>;
+    /// Marks a credential revoked at `at`. `false` if it is unknown or already revoked (the
+    /// first revocation time is kept).
+    async fn revoke_credential(&self, id: &str, at: i64) -> Result<bool, StoreError>;
+
+    /// Adds a sandbox; [`StoreError::Conflict`] if the id exists.
+    async fn insert_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError>;
+    /// Replaces every field of the sandbox with `s.id`; [`StoreError::NotFound`] if absent.
+    async fn update_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError>;
+    /// One sandbox by id.
+    async fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError>;
+    /// All sandboxes, ended ones included, oldest first (by `created_at`).
+    async fn sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError>;
+
+    /// Records that the token `jti` (expiring at `exp`) is revoked. Idempotent.
+    async fn revoke_token(&self, jti: &str, exp: i64) -> Result<(), StoreError>;
+    /// Revoked tokens that may still verify at `now`: those with
+    /// `exp >= now - EXPIRED_TOKEN_GRACE_SECS`, as `(jti, exp)`.
+    async fn revoked_tokens(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Marks a single-use token used: insert-if-absent, atomically across every gateway sharing
+    /// the store. `true` only for the one caller that marked it first.
+    async fn mark_token_used(&self, jti: &str, exp: i64) -> Result<bool, StoreError>;
+    /// Used single-use tokens that may still verify at `now`, with the same cut-off as
+    /// [`Store::revoked_tokens`].
+    async fn used_tokens(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError>;
+
+    /// Appends an event (its `id` is ignored) and returns the id assigned.
+    async fn append_audit(&self, e: &AuditEvent) -> Result<i64, StoreError>;
+    /// The newest `limit` events, newest first.
+    async fn audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError>;
+
+    /// Drops revoked and used token entries whose `exp` is more than
+    /// [`EXPIRED_TOKEN_GRACE_SECS`] before `now`: such tokens fail verification on `exp` alone.
+    /// Credentials, sandboxes and the audit log are kept.
+    async fn prune(&self, now: i64) -> Result<(), StoreError>;
+}
+
+/// Behaviour every [`Store`] backend must show. Each function takes a fresh, empty store and
+/// panics on a violation; a backend's tests call them all through [`conformance_tests!`].
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "in tests a panic is the failure report")]
+pub(crate) mod conformance {
+    use super::*;
+    use crate::credential::{hash_secret, Secret};
+
+    /// Something that owns a store for the length of a test (e.g. a store plus the temporary
+    /// directory its file lives in).
+    pub(crate) trait Fixture: Send + Sync {
+        fn store(&self) -> &dyn Store;
+    }
+
+    /// Generates one `#[tokio::test]` per conformance function. `$make` is an async fn returning
+    /// a fresh [`Fixture`].
+    macro_rules! conformance_tests {
+        ($make:path) => {
+            $crate::store::conformance::conformance_tests!(@each $make;
+                signing_keys_round_trip_oldest_first,
+                duplicate_signing_key_conflicts,
+                credentials_round_trip,
+                credential_by_hash_finds_only_the_right_one,
+                duplicate_credential_conflicts,
+                revoke_credential_is_idempotent,
+                sandboxes_round_trip_oldest_first,
+                update_sandbox_replaces_every_field,
+                update_unknown_sandbox_is_not_found,
+                duplicate_sandbox_conflicts,
+                revoke_token_is_idempotent_and_listed_until_expired,
+                mark_token_used_is_first_wins,
+                mark_token_used_is_atomic_under_concurrency,
+                audit_is_newest_first_with_limit,
+                prune_drops_only_long_expired_token_entries,
+            );
+        };
+        (@each $make:path; $($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let fixture = $make().await;
+                    $crate::store::conformance::$name(
+                        $crate::store::conformance::Fixture::store(&fixture),
+                    )
+                    .await;
+                }
+            )*
+        };
+    }
+    pub(crate) use conformance_tests;
+
+    pub(crate) fn credential(id: &str, created_at: i64) -> (Secret, CredentialRecord) {
+        let secret = Secret::generate();
+        let record = CredentialRecord {
+            id: id.to_owned(),
+            name: format!("name of {id}"),
+            scopes: vec![Scope::SandboxesRead, Scope::TokensIssue],
+            secret_hash: secret.hash(),
+            created_at,
+            expires_at: None,
+            max_token_ttl_secs: None,
+            revoked_at: None,
+        };
+        (secret, record)
+    }
+
+    pub(crate) fn sandbox(id: &str, created_at: i64) -> SandboxRecord {
+        SandboxRecord {
+            id: id.to_owned(),
+            owner: "cred_owner".to_owned(),
+            status: SandboxStatus::Starting,
+            ports: vec![8080, 3000],
+            upstream: None,
+            command: Some(vec![
+                "python3".to_owned(),
+                "-m".to_owned(),
+                "http.server".to_owned(),
+            ]),
+            env: BTreeMap::from([
+                ("API_KEY".to_owned(), "s3cr3t".to_owned()),
+                ("EMPTY".to_owned(), String::new()),
+            ]),
+            cors_origins: vec!["https://app.example.com".to_owned()],
+            rewrite_host: true,
+            metadata: serde_json::json!({"team": "ml", "n": 3, "nested": {"list": [1, "two", null]}}),
+            created_at,
+            expires_at: Some(created_at + 3600),
+            ended_at: None,
+            host_ports: BTreeMap::from([(8080, 40001), (3000, 40002)]),
+            node: Some("node-a".to_owned()),
+            detail: None,
+        }
+    }
+
+    pub(crate) fn signing_key(kid: &str, created_at: i64) -> StoredSigningKey {
+        StoredSigningKey {
+            kid: kid.to_owned(),
+            created_at,
+            private_der: (0..=255u8).chain([0, 0, 7]).collect(),
+        }
+    }
+
+    pub(crate) async fn signing_keys_round_trip_oldest_first(store: &dyn Store) {
+        assert!(store.signing_keys().await.unwrap().is_empty());
+        let newer = signing_key("k-newer", 2_000);
+        let older = signing_key("k-older", 1_000);
+        store.insert_signing_key(&newer).await.unwrap();
+        store.insert_signing_key(&older).await.unwrap();
+        assert_eq!(store.signing_keys().await.unwrap(), vec![older, newer]);
+    }
+
+    pub(crate) async fn duplicate_signing_key_conflicts(store: &dyn Store) {
+        let key = signing_key("k1", 1_000);
+        store.insert_signing_key(&key).await.unwrap();
+        let again = StoredSigningKey {
+            created_at: 5,
+            private_der: vec![1],
+            ..key.clone()
+        };
+        let err = store.insert_signing_key(&again).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        assert_eq!(store.signing_keys().await.unwrap(), vec![key]);
+    }
+
+    pub(crate) async fn credentials_round_trip(store: &dyn Store) {
+        assert!(store.credentials().await.unwrap().is_empty());
+        assert_eq!(store.credential("cred_nope").await.unwrap(), None);
+
+        let (_, plain) = credential("cred_b", 200);
+        let (_, mut full) = credential("cred_a", 100);
+        full.scopes = Scope::ALL.to_vec();
+        full.expires_at = Some(9_999);
+        full.max_token_ttl_secs = Some(300);
+        full.revoked_at = Some(150);
+        let (_, mut none) = credential("cred_c", 300);
+        none.scopes = vec![];
+
+        for c in [&plain, &full, &none] {
+            store.insert_credential(c).await.unwrap();
+        }
+        assert_eq!(
+            store.credential("cred_a").await.unwrap(),
+            Some(full.clone())
+        );
+        assert_eq!(
+            store.credential("cred_b").await.unwrap(),
+            Some(plain.clone())
+        );
+        assert_eq!(
+            store.credential("cred_c").await.unwrap(),
+            Some(none.clone())
+        );
+        assert_eq!(store.credentials().await.unwrap(), vec![full, plain, none]);
+    }
+
+    pub(crate) async fn credential_by_hash_finds_only_the_right_one(store: &dyn Store) {
+        let (secret_a, a) = credential("cred_a", 1);
+        let (secret_b, b) = credential("cred_b", 2);
+        store.insert_credential(&a).await.unwrap();
+        store.insert_credential(&b).await.unwrap();
+
+        let found = store
+            .credential_by_hash(&hash_secret(secret_a.expose()))
+            .await
+            .unwrap();
+        assert_eq!(found, Some(a));
+        let found = store.credential_by_hash(&secret_b.hash()).await.unwrap();
+        assert_eq!(found, Some(b.clone()));
+        let unknown = store
+            .credential_by_hash(&Secret::generate().hash())
+            .await
+            .unwrap();
+        assert_eq!(unknown, None);
+
+        // Revoked credentials are still found: the caller decides what revoked means.
+        assert!(store.revoke_credential("cred_b", 50).await.unwrap());
+        let found = store.credential_by_hash(&secret_b.hash()).await.unwrap();
+        assert_eq!(found.map(|c| c.revoked_at), Some(Some(50)));
+    }
+
+    pub(crate) async fn duplicate_credential_conflicts(store: &dyn Store) {
+        let (secret, original) = credential("cred_a", 1);
+        store.insert_credential(&original).await.unwrap();
+
+        let (_, same_id) = credential("cred_a", 2);
+        let err = store.insert_credential(&same_id).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+        let (_, mut same_hash) = credential("cred_other", 3);
+        same_hash.secret_hash = secret.hash();
+        let err = store.insert_credential(&same_hash).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+        assert_eq!(store.credentials().await.unwrap(), vec![original]);
+    }
+
+    pub(crate) async fn revoke_credential_is_idempotent(store: &dyn Store) {
+        let (_, c) = credential("cred_a", 1);
+        let (_, untouched) = credential("cred_b", 2);
+        store.insert_credential(&c).await.unwrap();
+        store.insert_credential(&untouched).await.unwrap();
+
+        assert!(store.revoke_credential("cred_a", 100).await.unwrap());
+        assert!(!store.revoke_credential("cred_a", 200).await.unwrap());
+        assert!(!store.revoke_credential("cred_unknown", 100).await.unwrap());
+
+        let revoked = store.credential("cred_a").await.unwrap().unwrap();
+        assert_eq!(revoked.revoked_at, Some(100), "first revocation time kept");
+        assert!(!revoked.is_active(101));
+        assert_eq!(store.credential("cred_b").await.unwrap(), Some(untouched));
+    }
+
+    pub(crate) async fn sandboxes_round_trip_oldest_first(store: &dyn Store) {
+        assert!(store.sandboxes().await.unwrap().is_empty());
+        assert_eq!(store.sandbox("nope").await.unwrap(), None);
+
+        let process = sandbox("sbxprocess0000000000001", 200);
+        let external = SandboxRecord {
+            id: "sbxexternal000000000001".to_owned(),
+            status: SandboxStatus::Running,
+            ports: vec![443],
+            upstream: Some("10.0.3.7".to_owned()),
+            command: None,
+            env: BTreeMap::new(),
+            cors_origins: vec![],
+            rewrite_host: false,
+            metadata: serde_json::json!({}),
+            created_at: 100,
+            expires_at: None,
+            host_ports: BTreeMap::new(),
+            node: None,
+            ..sandbox("unused", 0)
+        };
+        let ended = SandboxRecord {
+            id: "sbxended000000000000001".to_owned(),
+            status: SandboxStatus::Failed,
+            metadata: serde_json::Value::Null,
+            ended_at: Some(350),
+            detail: Some("exit status 1\nTraceback: ünïcode…".to_owned()),
+            ..sandbox("unused", 300)
+        };
+        for s in [&process, &external, &ended] {
+            store.insert_sandbox(s).await.unwrap();
+        }
+
+        assert_eq!(
+            store.sandbox(&process.id).await.unwrap(),
+            Some(process.clone())
+        );
+        assert_eq!(
+            store.sandbox(&external.id).await.unwrap(),
+            Some(external.clone())
+        );
+        assert_eq!(store.sandbox(&ended.id).await.unwrap(), Some(ended.clone()));
+        assert_eq!(
+            store.sandboxes().await.unwrap(),
+            vec![external, process, ended]
+        );
+    }
+
+    pub(crate) async fn update_sandbox_replaces_every_field(store: &dyn Store) {
+        let original = sandbox("sbxupdate00000000000001", 100);
+        let bystander = sandbox("sbxbystander00000000001", 50);
+        store.insert_sandbox(&original).await.unwrap();
+        store.insert_sandbox(&bystander).await.unwrap();
+
+        let updated = SandboxRecord {
+            id: original.id.clone(),
+            owner: "cred_new_owner".to_owned(),
+            status: SandboxStatus::Lost,
+            ports: vec![1],
+            upstream: Some("127.0.0.1".to_owned()),
+            command: None,
+            env: BTreeMap::from([("X".to_owned(), "y".to_owned())]),
+            cors_origins: vec!["https://a".to_owned(), "https://b".to_owned()],
+            rewrite_host: false,
+            metadata: serde_json::json!([1, 2, 3]),
+            created_at: 101,
+            expires_at: None,
+            ended_at: Some(500),
+            host_ports: BTreeMap::new(),
+            node: None,
+            detail: Some("node node-a stopped answering".to_owned()),
+        };
+        store.update_sandbox(&updated).await.unwrap();
+        assert_eq!(store.sandbox(&original.id).await.unwrap(), Some(updated));
+        assert_eq!(store.sandbox(&bystander.id).await.unwrap(), Some(bystander));
+        assert_eq!(store.sandboxes().await.unwrap().len(), 2);
+    }
+
+    pub(crate) async fn update_unknown_sandbox_is_not_found(store: &dyn Store) {
+        let err = store
+            .update_sandbox(&sandbox("sbxmissing0000000000001", 1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound), "{err:?}");
+        assert!(store.sandboxes().await.unwrap().is_empty());
+    }
+
+    pub(crate) async fn duplicate_sandbox_conflicts(store: &dyn Store) {
+        let original = sandbox("sbxdup000000000000000001", 1);
+        store.insert_sandbox(&original).await.unwrap();
+        let err = store
+            .insert_sandbox(&SandboxRecord {
+                owner: "cred_someone_else".to_owned(),
+                ..original.clone()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        assert_eq!(store.sandboxes().await.unwrap(), vec![original]);
+    }
+
+    pub(crate) async fn revoke_token_is_idempotent_and_listed_until_expired(store: &dyn Store) {
+        let now = 10_000;
+        assert!(store.revoked_tokens(now).await.unwrap().is_empty());
+        store.revoke_token("jti-live", now + 600).await.unwrap();
+        store.revoke_token("jti-live", now + 600).await.unwrap();
+        store
+            .revoke_token("jti-grace", now - EXPIRED_TOKEN_GRACE_SECS)
+            .await
+            .unwrap();
+        store
+            .revoke_token("jti-gone", now - EXPIRED_TOKEN_GRACE_SECS - 1)
+            .await
+            .unwrap();
+
+        let mut listed = store.revoked_tokens(now).await.unwrap();
+        listed.sort();
+        assert_eq!(
+            listed,
+            vec![
+                ("jti-grace".to_owned(), now - EXPIRED_TOKEN_GRACE_SECS),
+                ("jti-live".to_owned(), now + 600),
+            ]
+        );
+        // Revocations and single-use marks are separate sets.
+        assert!(store.used_tokens(now).await.unwrap().is_empty());
+        assert_eq!(store.revoked_tokens(0).await.unwrap().len(), 3);
+    }
+
+    pub(crate) async fn mark_token_used_is_first_wins(store: &dyn Store) {
+        let now = 10_000;
+        assert!(store.used_tokens(now).await.unwrap().is_empty());
+        assert!(store.mark_token_used("jti-1", now + 60).await.unwrap());
+        assert!(!store.mark_token_used("jti-1", now + 60).await.unwrap());
+        assert!(store.mark_token_used("jti-2", now + 60).await.unwrap());
+        store
+            .mark_token_used("jti-old", now - EXPIRED_TOKEN_GRACE_SECS - 1)
+            .await
+            .unwrap();
+
+        let mut listed = store.used_tokens(now).await.unwrap();
+        listed.sort();
+        assert_eq!(
+            listed,
+            vec![
+                ("jti-1".to_owned(), now + 60),
+                ("jti-2".to_owned(), now + 60),
+            ]
+        );
+        assert!(store.revoked_tokens(now).await.unwrap().is_empty());
+    }
+
+    pub(crate) async fn mark_token_used_is_atomic_under_concurrency(store: &dyn Store) {
+        for round in 0..8 {
+            let jti = format!("jti-race-{round}");
+            let attempts = (0..16).map(|_| store.mark_token_used(&jti, 99_999));
+            let results = futures_util::future::join_all(attempts).await;
+            let winners = results
+                .into_iter()
+                .map(|r| r.unwrap())
+                .filter(|&first| first)
+                .count();
+            assert_eq!(winners, 1, "round {round}");
+        }
+        assert_eq!(store.used_tokens(0).await.unwrap().len(), 8);
+    }
+
+    pub(crate) async fn audit_is_newest_first_with_limit(store: &dyn Store) {
+        assert!(store.audit(10).await.unwrap().is_empty());
+        let mut appended = Vec::new();
+        for i in 0..5 {
+            let event = AuditEvent {
+                id: 0,
+                time: 1_000 + i,
+                actor: format!("cred_{i}"),
+                action: "sandbox.create".to_owned(),
+                target: format!("sbx{i}"),
+                client_addr: (i % 2 == 0).then(|| "192.0.2.1:5555".to_owned()),
+            };
+            let id = store.append_audit(&event).await.unwrap();
+            appended.push(AuditEvent { id, ..event });
+        }
+        let ids: Vec<i64> = appended.iter().map(|e| e.id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+
+        let newest_first: Vec<AuditEvent> = appended.iter().rev().cloned().collect();
+        assert_eq!(store.audit(100).await.unwrap(), newest_first);
+        assert_eq!(store.audit(5).await.unwrap(), newest_first);
+        assert_eq!(store.audit(2).await.unwrap(), newest_first[..2]);
+        assert!(store.audit(0).await.unwrap().is_empty());
+        assert_eq!(store.audit(usize::MAX).await.unwrap().len(), 5);
+
+        // Newest means last appended, even when clocks disagree.
+        let late = AuditEvent {
+            id: 0,
+            time: 1,
+            actor: "system".to_owned(),
+            action: "sandbox.expire".to_owned(),
+            target: "sbx0".to_owned(),
+            client_addr: None,
+        };
+        let id = store.append_audit(&late).await.unwrap();
+        assert_eq!(
+            store.audit(1).await.unwrap(),
+            vec![AuditEvent { id, ..late }]
+        );
+    }
+
+    pub(crate) async fn prune_drops_only_long_expired_token_entries(store: &dyn Store) {
+        let now = 50_000;
+        let cutoff = now - EXPIRED_TOKEN_GRACE_SECS;
+        for (jti, exp) in [("old", cutoff - 1), ("edge", cutoff), ("live", now + 10)] {
+            store.revoke_token(&format!("r-{jti}"), exp).await.unwrap();
+            assert!(store
+                .mark_token_used(&format!("u-{jti}"), exp)
+                .await
+                .unwrap());
+        }
+        let (_, c) = credential("cred_kept", 1);
+        store.insert_credential(&c).await.unwrap();
+        store.revoke_credential(&c.id, 2).await.unwrap();
+        store.insert_sandbox(&sandbox("sbxkept", 1)).await.unwrap();
+        let event = AuditEvent {
+            id: 0,
+            time: 1,
+            actor: "a".to_owned(),
+            action: "b".to_owned(),
+            target: "c".to_owned(),
+            client_addr: None,
+        };
+        store.append_audit(&event).await.unwrap();
+
+        store.prune(now).await.unwrap();
+        store.prune(now).await.unwrap();
+
+        // Listing with `now = 0` shows everything still stored.
+        let mut revoked = store.revoked_tokens(0).await.unwrap();
+        revoked.sort();
+        assert_eq!(
+            revoked,
+            vec![
+                ("r-edge".to_owned(), cutoff),
+                ("r-live".to_owned(), now + 10)
+            ]
+        );
+        let mut used = store.used_tokens(0).await.unwrap();
+        used.sort();
+        assert_eq!(
+            used,
+            vec![
+                ("u-edge".to_owned(), cutoff),
+                ("u-live".to_owned(), now + 10)
+            ]
+        );
+        // A pruned single-use entry could be marked again, but its token fails on `exp` by then.
+        assert!(!store.mark_token_used("u-live", now + 10).await.unwrap());
+
+        assert_eq!(store.credentials().await.unwrap().len(), 1);
+        assert_eq!(store.sandboxes().await.unwrap().len(), 1);
+        assert_eq!(store.audit(10).await.unwrap().len(), 1);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "in tests a panic is the failure report")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_status_names_round_trip() {
+        for status in SandboxStatus::ALL {
+            assert_eq!(SandboxStatus::parse(status.as_str()), Some(status));
+            let json = serde_json::to_string(&status).unwrap();
+            assert_eq!(json, format!("\"{status}\""));
+            assert_eq!(
+                serde_json::from_str::<SandboxStatus>(&json).unwrap(),
+                status
+            );
+        }
+        assert_eq!(SandboxStatus::parse("Running"), None);
+        let live: Vec<_> = SandboxStatus::ALL
+            .into_iter()
+            .filter(SandboxStatus::is_live)
+            .collect();
+        assert_eq!(live, [SandboxStatus::Starting, SandboxStatus::Running]);
+    }
+
+    #[test]
+    fn debug_never_shows_private_keys_or_env_values() {
+        let key = conformance::signing_key("k1", 1);
+        let shown = format!("{key:?}");
+        assert!(shown.contains("k1") && shown.contains("<redacted 259 bytes>"));
+        assert!(!shown.contains("255"));
+
+        let sandbox = conformance::sandbox("sbx1", 1);
+        let shown = format!("{sandbox:?}");
+        assert!(shown.contains("API_KEY"));
+        assert!(!shown.contains("s3cr3t"));
+    }
+
+    #[test]
+    fn credential_activity_honours_revocation_and_expiry() {
+        let (_, mut c) = conformance::credential("cred_a", 0);
+        assert!(c.is_active(i64::MAX));
+        c.expires_at = Some(100);
+        assert!(c.is_active(99));
+        assert!(!c.is_active(100));
+        c.expires_at = None;
+        c.revoked_at = Some(5);
+        assert!(!c.is_active(1));
+    }
+
+    #[test]
+    fn store_is_object_safe() {
+        fn assert_object_safe(_: Option<std::sync::Arc<dyn Store>>) {}
+        assert_object_safe(None);
+    }
+}

@@ -1,0 +1,161 @@
+//! Which live client connections each token and each sandbox opened, so that revoking a token
+//! or terminating a sandbox closes them (a WebSocket, an HTTP/2 connection, a long poll).
+//!
+//! Every client connection owns a [`CancellationToken`]. The first time a request on that
+//! connection is admitted with a token, the connection registers under the token's `jti` and its
+//! sandbox id. Revocation cancels every registered token; the connection task and any tunnels
+//! it spawned select on it and drop their sockets at once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+
+type Entries = Vec<(u64, CancellationToken)>;
+
+/// The registry of connections by token id and by sandbox id.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    next_id: AtomicU64,
+    by_jti: DashMap<Box<str>, Entries, foldhash::fast::RandomState>,
+    by_sandbox: DashMap<Box<str>, Entries, foldhash::fast::RandomState>,
+}
+
+impl Tracker {
+    pub fn new() -> Tracker {
+        Tracker::default()
+    }
+
+    /// A handle for a new client connection.
+    pub fn connection(self: &Arc<Self>) -> Connection {
+        Connection {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            cancel: CancellationToken::new(),
+            tracker: Arc::clone(self),
+            registered: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Closes every connection a token opened. Returns how many were closed.
+    pub fn close_token(&self, jti: &str) -> usize {
+        Self::close(&self.by_jti, jti)
+    }
+
+    /// Closes every connection opened into a sandbox.
+    pub fn close_sandbox(&self, sandbox: &str) -> usize {
+        Self::close(&self.by_sandbox, sandbox)
+    }
+
+    /// Connections currently registered under any token.
+    pub fn tracked_tokens(&self) -> usize {
+        self.by_jti.len()
+    }
+
+    fn close(map: &DashMap<Box<str>, Entries, foldhash::fast::RandomState>, key: &str) -> usize {
+        match map.remove(key) {
+            Some((_, entries)) => {
+                for (_, cancel) in &entries {
+                    cancel.cancel();
+                }
+                entries.len()
+            }
+            None => 0,
+        }
+    }
+
+    fn add(
+        map: &DashMap<Box<str>, Entries, foldhash::fast::RandomState>,
+        key: &str,
+        id: u64,
+        cancel: &CancellationToken,
+    ) {
+        map.entry(key.into())
+            .or_default()
+            .push((id, cancel.clone()));
+    }
+
+    fn forget(map: &DashMap<Box<str>, Entries, foldhash::fast::RandomState>, key: &str, id: u64) {
+        if let Some(mut entries) = map.get_mut(key) {
+            entries.retain(|(i, _)| *i != id);
+            if entries.is_empty() {
+                drop(entries);
+                map.remove_if(key, |_, e| e.is_empty());
+            }
+        }
+    }
+}
+
+/// One client connection's membership in the registry; unregisters itself when dropped.
+#[derive(Debug)]
+pub struct Connection {
+    id: u64,
+    cancel: CancellationToken,
+    tracker: Arc<Tracker>,
+    /// (jti, sandbox) pairs this connection registered under; usually one.
+    registered: Mutex<Vec<(Box<str>, Box<str>)>>,
+}
+
+impl Connection {
+    /// Cancelled when a token or sandbox this connection used is revoked.
+    pub fn cancelled(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Records that a request on this connection was admitted with token `jti` into `sandbox`.
+    /// Cheap when the pair is already registered (the usual keep-alive case).
+    pub fn admit(&self, jti: &str, sandbox: &str) {
+        let mut registered = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        if registered
+            .iter()
+            .any(|(j, s)| &**j == jti && &**s == sandbox)
+        {
+            return;
+        }
+        Tracker::add(&self.tracker.by_jti, jti, self.id, &self.cancel);
+        Tracker::add(&self.tracker.by_sandbox, sandbox, self.id, &self.cancel);
+        registered.push((jti.into(), sandbox.into()));
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let registered =
+            std::mem::take(self.registered.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for (jti, sandbox) in registered {
+            Tracker::forget(&self.tracker.by_jti, &jti, self.id);
+            Tracker::forget(&self.tracker.by_sandbox, &sandbox, self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revoking_a_token_cancels_only_its_connections() {
+        let t = Arc::new(Tracker::new());
+        let a = t.connection();
+        let b = t.connection();
+        a.admit("j1", "s1");
+        a.admit("j1", "s1");
+        b.admit("j2", "s1");
+        assert_eq!(t.close_token("j1"), 1);
+        assert!(a.cancelled().is_cancelled());
+        assert!(!b.cancelled().is_cancelled());
+        assert_eq!(t.close_sandbox("s1"), 2);
+        assert!(b.cancelled().is_cancelled());
+    }
+
+    #[test]
+    fn dropped_connections_unregister() {
+        let t = Arc::new(Tracker::new());
+        let a = t.connection();
+        a.admit("j1", "s1");
+        assert_eq!(t.tracked_tokens(), 1);
+        drop(a);
+        assert_eq!(t.tracked_tokens(), 0);
+        assert_eq!(t.close_sandbox("s1"), 0);
+    }
+}
