@@ -289,9 +289,9 @@ impl Config {
         };
         let resolve = |p: &Path| {
             if p.is_absolute() {
-                p.to_path_buf()
+                normalize(p)
             } else {
-                base.join(p)
+                normalize(&base.join(p))
             }
         };
 
@@ -447,6 +447,25 @@ impl Config {
     }
 }
 
+/// Removes `.` and resolves `..` lexically, so logs show `/srv/data`, not
+/// `/srv/config/../data` (no symlinks are followed).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 /// A DNS name: dot-separated labels of letters, digits and inner hyphens.
 fn is_valid_domain(name: &str) -> bool {
     !name.is_empty()
@@ -503,7 +522,7 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_the_config_folder() {
         let c = parse("[store]\ndata_dir = \"../data\"\n").unwrap();
-        assert_eq!(c.store.data_dir, Path::new("/etc/sg/../data"));
+        assert_eq!(c.store.data_dir, Path::new("/etc/data"));
         let c = parse("[store]\ndata_dir = \"/var/lib/sandgate\"\n").unwrap();
         assert_eq!(c.store.data_dir, Path::new("/var/lib/sandgate"));
     }
@@ -524,6 +543,20 @@ mod tests {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn shipped_configs_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let dev = Config::load(&dir.join("sandgate.toml")).unwrap();
+        assert_eq!(
+            dev.store.data_dir,
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
+        );
+        let prod = Config::load(&dir.join("production.example.toml")).unwrap();
+        assert!(!prod.tls.dev_cert);
+        assert_eq!(prod.gateway.public_port, 443);
+        assert!(prod.telemetry.log_json);
     }
 
     #[test]

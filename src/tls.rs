@@ -557,29 +557,25 @@ pub fn ensure_dev_certs(dir: &Path, base_domain: &str) -> Result<(DevCertPaths, 
         }
     };
 
-    let reason = match current_server_cert_problem(&paths, &ca, base_domain) {
-        None => {
-            tighten_key_mode(&paths.key)?;
-            None
-        }
-        Some(reason) => Some(reason),
-    };
-    if let Some(reason) = reason {
-        tracing::info!(
-            cert = %paths.cert.display(),
-            %reason,
-            "issuing a dev server certificate for {base_domain}"
-        );
-        ca.issue_server_cert(&paths, base_domain)?;
-        created = true;
-        // Re-check what was just written: catches a CA that cannot sign for us (replaced by
-        // hand, or itself near expiry) before the gateway serves a certificate nobody trusts.
-        if let Some(problem) = verify_server_cert(&paths, &ca, base_domain) {
-            return Err(TlsError::DevCaUnusable {
-                ca_cert: paths.ca_cert.clone(),
-                dir: dir.to_owned(),
-                source: problem,
-            });
+    match current_server_cert_problem(&paths, &ca, base_domain) {
+        None => tighten_key_mode(&paths.key)?,
+        Some(reason) => {
+            tracing::info!(
+                cert = %paths.cert.display(),
+                %reason,
+                "issuing a dev server certificate for {base_domain}"
+            );
+            ca.issue_server_cert(&paths, base_domain)?;
+            created = true;
+            // Re-check what was just written: catches a CA that cannot sign for us (replaced by
+            // hand, or itself near expiry) before the gateway serves a certificate nobody trusts.
+            if let Some(problem) = verify_server_cert(&paths, &ca, base_domain) {
+                return Err(TlsError::DevCaUnusable {
+                    ca_cert: paths.ca_cert.clone(),
+                    dir: dir.to_owned(),
+                    source: problem,
+                });
+            }
         }
     }
     Ok((paths, created))
@@ -1027,6 +1023,33 @@ mod tests {
         CertResolver::load(&paths.cert, &paths.key).expect("a matching pair again");
     }
 
+    #[test]
+    fn dev_certs_replace_an_incomplete_ca_but_refuse_a_foreign_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = dev_certs(tmp.path());
+        let ca_before = fs::read(&paths.ca_cert).unwrap();
+
+        // A CA key without its certificate was never trusted by anyone: start over.
+        fs::remove_file(&paths.ca_cert).unwrap();
+        let (_, created) = ensure_dev_certs(tmp.path(), BASE).unwrap();
+        assert!(created);
+        assert_ne!(fs::read(&paths.ca_cert).unwrap(), ca_before);
+
+        // A complete CA that sandgate did not make (different subject) is not overwritten.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let foreign = params.self_signed(&key).unwrap();
+        fs::write(&paths.ca_cert, foreign.pem()).unwrap();
+        fs::write(&paths.ca_key, key.serialize_pem()).unwrap();
+        fs::remove_file(&paths.cert).unwrap();
+        let err = ensure_dev_certs(tmp.path(), BASE).unwrap_err();
+        assert!(matches!(err, TlsError::DevCaUnusable { .. }), "{err}");
+        assert!(err.to_string().contains("ca.pem"), "{err}");
+        assert_eq!(fs::read_to_string(&paths.ca_cert).unwrap(), foreign.pem());
+    }
+
     #[cfg(unix)]
     #[test]
     fn dev_certs_tighten_a_reused_key_made_world_readable() {
@@ -1175,6 +1198,10 @@ mod tests {
                       // TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
         body.extend_from_slice(&[0x00, 0x04, 0xc0, 0x2b, 0xc0, 0x2f]);
         body.extend_from_slice(&[0x01, 0x00]); // compression: null
+                                               // One extension, signature_algorithms (ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256),
+                                               // which rustls checks before the version.
+        body.extend_from_slice(&[0x00, 0x0a, 0x00, 0x0d, 0x00, 0x06, 0x00, 0x04]);
+        body.extend_from_slice(&[0x04, 0x03, 0x08, 0x04]);
         let mut handshake = vec![0x01, 0x00];
         handshake.extend_from_slice(&(body.len() as u16).to_be_bytes());
         handshake.extend_from_slice(&body);
