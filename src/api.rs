@@ -473,6 +473,7 @@ async fn create_sandbox(
         host_ports: BTreeMap::new(),
         node: None,
         detail: None,
+        process: Default::default(),
     };
     gw.store.insert_sandbox(&record).await?;
     gw.routes.upsert(&record);

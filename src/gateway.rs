@@ -70,13 +70,8 @@ impl Gateway {
         create_private_dir(&data_dir)?;
 
         if config.tls.dev_cert && config.tls.cert_file.starts_with(config.store.certs_dir()) {
-            let (paths, created) = crate::tls::ensure_dev_certs(
-                &config.store.certs_dir(),
-                &config.gateway.base_domain,
-            )?;
-            if created {
-                tracing::info!(ca = %paths.ca_cert.display(), "created a local dev CA and certificate; trust the CA to avoid browser warnings");
-            }
+            // tls logs what it created or re-issued, and where the CA is.
+            crate::tls::ensure_dev_certs(&config.store.certs_dir(), &config.gateway.base_domain)?;
         }
         let certs = CertResolver::load(&config.tls.cert_file, &config.tls.key_file)?;
 

@@ -170,6 +170,7 @@ mod tests {
             host_ports: BTreeMap::new(),
             node: None,
             detail: None,
+            process: Default::default(),
         }
     }
 

@@ -172,6 +172,24 @@ pub struct SandboxRecord {
     pub node: Option<String>,
     /// Why it failed or was lost, e.g. an exit status and log tail; for humans only.
     pub detail: Option<String>,
+    /// Process sandboxes: the process group and the resource limits it runs under.
+    pub process: ProcessInfo,
+}
+
+/// What the process driver needs to remember about a `command` sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProcessInfo {
+    /// Process group id (the leader's pid), so a restarted gateway can find and end leftovers.
+    pub pgid: Option<i32>,
+    /// Address space limit for each process, MiB.
+    pub memory_mb: Option<u64>,
+    /// CPU time limit for each process, seconds.
+    pub cpu_secs: Option<u64>,
+    /// Maximum processes for the sandbox's user.
+    pub max_processes: Option<u64>,
+    /// Maximum open files for each process.
+    pub max_open_files: Option<u64>,
 }
 
 impl fmt::Debug for SandboxRecord {
@@ -198,6 +216,7 @@ impl fmt::Debug for SandboxRecord {
             .field("created_at", &self.created_at)
             .field("expires_at", &self.expires_at)
             .field("ended_at", &self.ended_at)
+            .field("process", &self.process)
             .field("host_ports", &self.host_ports)
             .field("node", &self.node)
             .field("detail", &self.detail)
@@ -412,6 +431,7 @@ pub(crate) mod conformance {
             host_ports: BTreeMap::from([(8080, 40001), (3000, 40002)]),
             node: Some("node-a".to_owned()),
             detail: None,
+            process: ProcessInfo::default(),
         }
     }
 
@@ -560,6 +580,7 @@ pub(crate) mod conformance {
             metadata: serde_json::Value::Null,
             ended_at: Some(350),
             detail: Some("exit status 1\nTraceback: ünïcode…".to_owned()),
+            process: ProcessInfo::default(),
             ..sandbox("unused", 300)
         };
         for s in [&process, &external, &ended] {
@@ -604,6 +625,7 @@ pub(crate) mod conformance {
             host_ports: BTreeMap::new(),
             node: None,
             detail: Some("node node-a stopped answering".to_owned()),
+            process: ProcessInfo::default(),
         };
         store.update_sandbox(&updated).await.unwrap();
         assert_eq!(store.sandbox(&original.id).await.unwrap(), Some(updated));

@@ -77,6 +77,8 @@ const MIGRATIONS: &[&str] = &[
         target      TEXT NOT NULL,
         client_addr TEXT
      ) STRICT;",
+    // 2: process sandboxes remember their process group and limits.
+    "ALTER TABLE sandboxes ADD COLUMN process TEXT NOT NULL DEFAULT '{}';",
 ];
 
 /// How long a statement waits for a lock held by another connection (another `sandgate`
@@ -378,7 +380,7 @@ fn scopes_json(scopes: &[Scope]) -> Result<String, StoreError> {
 }
 
 const SANDBOX_COLUMNS: &str = "id, owner, status, ports, upstream, command, env, cors_origins, \
-     rewrite_host, metadata, created_at, expires_at, ended_at, host_ports, node, detail";
+     rewrite_host, metadata, created_at, expires_at, ended_at, host_ports, node, detail, process";
 
 /// Raw sandbox columns; see [`CredentialRow`] for why decoding is two-step.
 struct SandboxRow {
@@ -398,6 +400,7 @@ struct SandboxRow {
     host_ports: String,
     node: Option<String>,
     detail: Option<String>,
+    process: String,
 }
 
 impl SandboxRow {
@@ -419,6 +422,7 @@ impl SandboxRow {
             host_ports: r.get(13)?,
             node: r.get(14)?,
             detail: r.get(15)?,
+            process: r.get(16)?,
         })
     }
 
@@ -449,6 +453,7 @@ impl SandboxRow {
             host_ports: from_json::<BTreeMap<u16, u16>>(T, "host_ports", &self.host_ports)?,
             node: self.node,
             detail: self.detail,
+            process: from_json(T, "process", &self.process)?,
             id: self.id,
             owner: self.owner,
         })
@@ -474,6 +479,7 @@ struct SandboxParams {
     host_ports: String,
     node: Option<String>,
     detail: Option<String>,
+    process: String,
 }
 
 impl SandboxParams {
@@ -495,10 +501,11 @@ impl SandboxParams {
             host_ports: to_json(&s.host_ports)?,
             node: s.node.clone(),
             detail: s.detail.clone(),
+            process: to_json(&s.process)?,
         })
     }
 
-    /// Executes `sql`, which must bind ?1..?16 in [`SANDBOX_COLUMNS`] order.
+    /// Executes `sql`, which must bind ?1..?17 in [`SANDBOX_COLUMNS`] order.
     fn execute(&self, conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
         conn.execute(
             sql,
@@ -519,6 +526,7 @@ impl SandboxParams {
                 self.host_ports,
                 self.node,
                 self.detail,
+                self.process,
             ],
         )
     }
@@ -668,7 +676,7 @@ impl Store for SqliteStore {
                 conn,
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
                 ),
             )
             .map_err(|e| classify_insert(e, || format!("sandbox {} already exists", row.id)))?;
@@ -686,7 +694,7 @@ impl Store for SqliteStore {
                     "UPDATE sandboxes SET owner = ?2, status = ?3, ports = ?4, upstream = ?5,
                         command = ?6, env = ?7, cors_origins = ?8, rewrite_host = ?9,
                         metadata = ?10, created_at = ?11, expires_at = ?12, ended_at = ?13,
-                        host_ports = ?14, node = ?15, detail = ?16
+                        host_ports = ?14, node = ?15, detail = ?16, process = ?17
                      WHERE id = ?1",
                 )
                 .map_err(classify)?;

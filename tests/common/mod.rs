@@ -537,3 +537,104 @@ pub async fn websocket(
     }
     tokio_tungstenite::client_async(req, stream).await
 }
+
+// -------------------------------------------------------------------------------------------------
+// Helpers for the transport, auth and browser tests
+
+/// Sends `req` on a fresh HTTP/1.1 connection whose TLS SNI is `sni`, whatever its Host says
+/// (for Hosts the dev certificate does not cover, or spelled in odd case).
+pub async fn send_with_sni(tls: &TlsClient, sni: &str, req: Request<Full<Bytes>>) -> Response<Bytes> {
+    let mut sender = tls.h1(sni).await;
+    let resp = sender.send_request(req).await.expect("request");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Response::from_parts(parts, body)
+}
+
+/// GET `path` with Host `host` on a connection whose SNI is `sni`.
+pub async fn get_with_sni(
+    tls: &TlsClient,
+    sni: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Response<Bytes> {
+    let mut req = Request::builder().method(Method::GET).uri(path).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send_with_sni(tls, sni, req.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// GET `path` over a fresh HTTP/2 connection to `host` (`:authority` = `host`).
+pub async fn h2_get(
+    tls: &TlsClient,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Response<Bytes> {
+    let mut sender = tls.h2(host).await;
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .version(http::Version::HTTP_2)
+        .uri(format!("https://{host}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .expect("h2 request");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Response::from_parts(parts, body)
+}
+
+/// Writes `request` as raw bytes on a fresh HTTP/1.1 TLS connection with SNI `sni` and returns
+/// everything the gateway answered until it closed (or 5 s passed).
+pub async fn raw_h1(tls: &TlsClient, sni: &str, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tls.connect(sni, &[b"http/1.1"]).await;
+    stream.write_all(request).await.expect("write");
+    stream.flush().await.expect("flush");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Asserts that `needle` (a token or a piece of one) appears in neither the URI nor any header
+/// value of any request the upstream recorded.
+pub fn assert_upstream_never_saw(echo: &Echo, needle: &str) {
+    assert!(!needle.is_empty());
+    for seen in echo.requests() {
+        assert!(!seen.uri.contains(needle), "upstream saw {needle:?} in the URI {}", seen.uri);
+        for (name, value) in &seen.headers {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            assert!(!value.contains(needle), "upstream saw {needle:?} in {name}: {value}");
+        }
+        let body = String::from_utf8_lossy(&seen.body);
+        assert!(!body.contains(needle), "upstream saw {needle:?} in a body");
+    }
+}
+
+/// The value of the `__Host-sandgate` cookie a response sets.
+pub fn session_cookie(resp: &Response<Bytes>) -> String {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix("__Host-sandgate="))
+        .map(|v| v.split(';').next().unwrap_or("").to_string())
+        .expect("response sets the __Host-sandgate cookie")
+}
+
+/// Mints a token valid for a sandbox host and runs the query exchange; returns the cookie value.
+pub async fn browser_session(gw: &TestGateway, id: &str, port: u16) -> String {
+    let token = gw.token(id, port).await;
+    let resp = gw
+        .tls()
+        .get(&sandbox_host(port, id), &format!("/?_sandgate_token={token}"), &[])
+        .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER, "{:?}", resp.body());
+    session_cookie(&resp)
+}

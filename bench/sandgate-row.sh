@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs the side-by-side peers benchmark (HAProxy with jwt_verify, HAProxy TLS, nginx, Caddy and
+# a direct backend) with sandgate as the "ours" row.
+#
+#   bash bench/sandgate-row.sh [path/to/peers.sh]      (env knobs of peers.sh apply: DURATION,
+#                                                       PEERS, MODES, ...)
+#
+# sandgate runs from target/release on a fresh data dir, with the bench's certificate, and
+# routes one sandbox to the bench backend. Its token is minted through its own API, and sent
+# as `Authorization: Bearer`, the same way the peers receive theirs; the route is named by the
+# X-Sandgate-Sandbox / X-Sandgate-Port headers on the base domain.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+peers=${1:-${PEERS_SH:-$repo/../shared/bench/peers.sh}}
+[ -f "$peers" ] || { echo "peers.sh not found at $peers (pass its path)" >&2; exit 1; }
+
+(cd "$repo" && cargo build --release --locked)
+
+state=$(mktemp -d)
+export SANDGATE_BIN="$repo/target/release/sandgate"
+export SANDGATE_BENCH_STATE="$state"
+
+# The gateway: a config written at start, pointing at the bench's certificate.
+export OURS_CMD='bash -c '"'"'cat >"$SANDGATE_BENCH_STATE/sandgate.toml" <<CONF
+[gateway]
+listen = "$OURS_LISTEN"
+base_domain = "sandbox.localhost"
+[telemetry]
+listen = "127.0.0.1:0"
+log_level = "warn"
+[tls]
+dev_cert = false
+cert_file = "$BENCH_TLS_CERT"
+key_file = "$BENCH_TLS_KEY"
+[store]
+data_dir = "$SANDGATE_BENCH_STATE/data"
+CONF
+exec "$SANDGATE_BIN" serve --config "$SANDGATE_BENCH_STATE/sandgate.toml"'"'"
+
+# Once it is up: register the backend as a sandbox, mint a 1-hour token, name the route.
+export OURS_TOKEN_CMD='
+  key=$(cat "$SANDGATE_BENCH_STATE/data/admin.key")
+  api() { curl -sk --fail-with-body -H "Host: sandbox.localhost" -H "Authorization: Bearer $key" \
+            -H "Content-Type: application/json" "$@"; }
+  port=${BENCH_BACKEND_ADDR##*:}
+  id=$(api -d "{\"upstream\":\"127.0.0.1\",\"ports\":[$port]}" "https://$OURS_LISTEN/v1/sandboxes" \
+       | python3 -c "import json,sys; print(json.load(sys.stdin)[\"id\"])")
+  printf "Host: sandbox.localhost\nX-Sandgate-Sandbox: %s\nX-Sandgate-Port: %s\n" "$id" "$port" \
+       >"$SANDGATE_BENCH_STATE/headers"
+  api -d "{\"port\":$port,\"ttl_secs\":3600}" "https://$OURS_LISTEN/v1/sandboxes/$id/connect-tokens" \
+       | python3 -c "import json,sys; print(json.load(sys.stdin)[\"token\"])"'
+export OURS_HEADERS_FILE="$state/headers"
+# Our tokens carry our own audience; the bench's wrong-aud token is one of its ES256 tokens,
+# which sandgate already rejects as a foreign signature.
+export OURS_CHECK_AUD=${OURS_CHECK_AUD:-0}
+
+bash "$peers"
