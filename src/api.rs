@@ -48,6 +48,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             get(get_sandbox).delete(delete_sandbox),
         )
         .route("/v1/sandboxes/{id}/connect-tokens", post(create_token))
+        .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route("/v1/sandboxes/{id}/logs", get(logs))
         .route("/v1/connect-tokens/{jti}", delete(revoke_token))
         .route("/v1/audit", get(audit))
         .fallback(|| async { HttpError::not_found("no such endpoint") })
@@ -364,6 +366,10 @@ struct CreateSandbox {
     #[serde(default)]
     rewrite_host: bool,
     metadata: Option<serde_json::Value>,
+    memory_mb: Option<u64>,
+    cpu_secs: Option<u64>,
+    max_processes: Option<u64>,
+    max_open_files: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -420,13 +426,42 @@ async fn create_sandbox(
                 "give `upstream` (the host of a sandbox run elsewhere) or `command`",
             ))
         }
-        (Some(_), None) => {
-            return Err(HttpError::invalid_argument(
-                "`command` sandboxes need the process driver, which this build does not have yet; register a running service with `upstream`",
-            ))
+        (Some(command), None) => {
+            if gw.driver.is_none() {
+                return Err(HttpError::invalid_argument(
+                    "this node runs no sandboxes ([orchestrator] enabled = false); register a running service with `upstream`",
+                ));
+            }
+            if command.is_empty() || command[0].is_empty() || command.len() > 256 {
+                return Err(HttpError::invalid_argument(
+                    "command must be a non-empty array such as [\"python3\", \"-m\", \"http.server\"]",
+                ));
+            }
+            if command.iter().any(|a| a.contains('\0')) {
+                return Err(HttpError::invalid_argument(
+                    "command arguments may not contain NUL",
+                ));
+            }
+            None
         }
-        (None, Some(u)) => validate_upstream(u)?,
+        (None, Some(u)) => Some(validate_upstream(u)?),
     };
+    for (key, value) in &body.env {
+        let valid = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !value.contains('\0');
+        if !valid {
+            return Err(HttpError::invalid_argument(
+                "env keys must be names like API_URL and values may not contain NUL",
+            ));
+        }
+        if key == "PORT" || key.starts_with("PORT_") || key.starts_with("SANDGATE_") {
+            return Err(HttpError::invalid_argument(
+                "env may not set PORT, PORT_<n> or SANDGATE_*: the gateway sets them",
+            ));
+        }
+    }
     if body.ports.is_empty() || body.ports.len() > 32 {
         return Err(HttpError::invalid_argument("ports must list 1 to 32 ports"));
     }
@@ -447,7 +482,7 @@ async fn create_sandbox(
             "metadata must be a JSON object of at most 4 KiB",
         ));
     }
-    if !body.env.is_empty() {
+    if upstream.is_some() && !body.env.is_empty() {
         return Err(HttpError::invalid_argument(
             "`env` applies to `command` sandboxes only",
         ));
@@ -456,14 +491,14 @@ async fn create_sandbox(
     if body.timeout_secs.is_some_and(|t| t <= 0) {
         return Err(HttpError::invalid_argument("timeout_secs must be positive"));
     }
-    let record = SandboxRecord {
+    let mut record = SandboxRecord {
         id: sandbox::new_id(),
         owner: caller.credential.id.clone(),
         status: SandboxStatus::Running,
         ports: body.ports,
-        upstream: Some(upstream),
-        command: None,
-        env: BTreeMap::new(),
+        upstream,
+        command: body.command,
+        env: body.env,
         cors_origins: body.cors_origins,
         rewrite_host: body.rewrite_host,
         metadata,
@@ -475,8 +510,20 @@ async fn create_sandbox(
         detail: None,
         process: Default::default(),
     };
-    gw.store.insert_sandbox(&record).await?;
-    gw.routes.upsert(&record);
+    match &gw.driver {
+        Some(driver) if record.command.is_some() => {
+            let defaults = driver.default_limits();
+            record.process.memory_mb = body.memory_mb.or(defaults.memory_mb);
+            record.process.cpu_secs = body.cpu_secs.or(defaults.cpu_secs);
+            record.process.max_processes = body.max_processes.or(defaults.max_processes);
+            record.process.max_open_files = body.max_open_files.or(defaults.max_open_files);
+            record = driver.start(record).await.map_err(driver_error)?;
+        }
+        _ => {
+            gw.store.insert_sandbox(&record).await?;
+            gw.routes.upsert(&record);
+        }
+    }
     gw.audit(
         &caller.credential.id,
         "sandbox.create",
@@ -580,6 +627,11 @@ async fn delete_sandbox(
 ) -> Result<StatusCode, HttpError> {
     caller.require(Scope::SandboxesWrite)?;
     let mut s = owned_sandbox(&gw, &caller, &id).await?;
+    if let Some(driver) = &gw.driver {
+        if driver.terminate(&id).await {
+            s = owned_sandbox(&gw, &caller, &id).await?;
+        }
+    }
     if s.status.is_live() {
         s.status = SandboxStatus::Stopped;
         s.ended_at = Some(unix_now());
@@ -596,6 +648,157 @@ async fn delete_sandbox(
     )
     .await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+fn driver_error(e: crate::sandbox::process::DriverError) -> HttpError {
+    use crate::sandbox::process::DriverError;
+    match e {
+        DriverError::Spawn(err) => {
+            HttpError::invalid_argument(format!("cannot start the command: {err}"))
+        }
+        DriverError::NoFreePort => {
+            HttpError::unavailable("no free host port left for this sandbox")
+        }
+        DriverError::NotRunning => HttpError::conflict("the sandbox is not running"),
+        DriverError::Store(err) => err.into(),
+        DriverError::Dir(err) => {
+            tracing::error!(error = %err, "cannot prepare a sandbox directory");
+            HttpError::internal()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    command: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    timeout_secs: Option<u64>,
+}
+
+async fn exec(
+    State(gw): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ExecBody>,
+) -> Result<Json<crate::sandbox::process::ExecOutput>, HttpError> {
+    caller.require(Scope::SandboxesWrite)?;
+    let s = owned_sandbox(&gw, &caller, &id).await?;
+    let Some(driver) = gw.driver.as_ref().filter(|_| s.command.is_some()) else {
+        return Err(HttpError::invalid_argument(
+            "exec works on `command` sandboxes run by this node",
+        ));
+    };
+    if !s.status.is_live() {
+        return Err(HttpError::conflict("the sandbox has ended"));
+    }
+    if body.command.is_empty() || body.command[0].is_empty() {
+        return Err(HttpError::invalid_argument(
+            "command must be a non-empty array",
+        ));
+    }
+    let cfg = &gw.config.orchestrator;
+    let timeout = match body.timeout_secs {
+        Some(0) => return Err(HttpError::invalid_argument("timeout_secs must be positive")),
+        Some(t) => std::time::Duration::from_secs(t).min(cfg.exec_max_timeout),
+        None => cfg.exec_timeout,
+    };
+    gw.audit(
+        &caller.credential.id,
+        "sandbox.exec",
+        &id,
+        caller.client_addr.clone(),
+    )
+    .await;
+    let out = driver
+        .exec(
+            &s,
+            crate::sandbox::process::ExecRequest {
+                command: body.command,
+                env: body.env,
+                timeout,
+            },
+        )
+        .await
+        .map_err(driver_error)?;
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn logs(
+    State(gw): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, HttpError> {
+    caller.require(Scope::SandboxesRead)?;
+    let Ok(Query(q)) = query else {
+        return Err(HttpError::invalid_argument("follow must be true or false"));
+    };
+    let s = owned_sandbox(&gw, &caller, &id).await?;
+    let Some(driver) = gw.driver.clone().filter(|_| s.command.is_some()) else {
+        return Err(HttpError::invalid_argument(
+            "logs exist for `command` sandboxes run by this node",
+        ));
+    };
+    let path = driver.log_path(&id);
+    let headers = [
+        (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-store"),
+    ];
+    if !q.follow {
+        let bytes = tokio::fs::read(&path).await.unwrap_or_default();
+        return Ok((headers, bytes).into_response());
+    }
+    // Stream what is there, then new output as it is written, until the sandbox ends.
+    let stream = futures_util::stream::unfold((0u64, false), move |(offset, finished)| {
+        let path = path.clone();
+        let driver = Arc::clone(&driver);
+        let id = id.clone();
+        async move {
+            if finished {
+                return None;
+            }
+            loop {
+                let running = driver.is_running(&id);
+                let chunk = read_from(&path, offset).await;
+                if !chunk.is_empty() {
+                    let next = offset + chunk.len() as u64;
+                    return Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), (next, false)));
+                }
+                if !running {
+                    return None;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    });
+    Ok((headers, Body::from_stream(stream)).into_response())
+}
+
+/// Up to 64 KiB of a file from `offset`.
+async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if file.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    match file.read(&mut buf).await {
+        Ok(n) => {
+            buf.truncate(n);
+            buf
+        }
+        Err(_) => Vec::new(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

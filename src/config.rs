@@ -44,6 +44,7 @@ struct RawConfig {
     tls: RawTls,
     store: RawStore,
     tokens: RawTokens,
+    orchestrator: RawOrchestrator,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +159,40 @@ impl Default for RawTokens {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawOrchestrator {
+    enabled: bool,
+    port_range: String,
+    grace_secs: u64,
+    log_max_bytes: u64,
+    exec_output_max_bytes: usize,
+    exec_timeout_secs: u64,
+    exec_max_timeout_secs: u64,
+    memory_mb: u64,
+    cpu_secs: u64,
+    max_processes: u64,
+    max_open_files: u64,
+}
+
+impl Default for RawOrchestrator {
+    fn default() -> Self {
+        RawOrchestrator {
+            enabled: true,
+            port_range: "20000-29999".into(),
+            grace_secs: 5,
+            log_max_bytes: 8 * 1024 * 1024,
+            exec_output_max_bytes: 1024 * 1024,
+            exec_timeout_secs: 60,
+            exec_max_timeout_secs: 3600,
+            memory_mb: 4096,
+            cpu_secs: 0,
+            max_processes: 0,
+            max_open_files: 4096,
+        }
+    }
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -168,6 +203,29 @@ pub struct Config {
     pub tls: TlsConfig,
     pub store: StoreConfig,
     pub tokens: TokensConfig,
+    pub orchestrator: OrchestratorConfig,
+}
+
+/// The process driver for `command` sandboxes. Limits of 0 in the file mean unlimited
+/// (`None` here); a create request may set its own.
+#[derive(Debug, Clone)]
+pub struct OrchestratorConfig {
+    /// False makes a gateway-only node: `command` sandboxes are refused.
+    pub enabled: bool,
+    /// Host ports handed to sandboxes, inclusive.
+    pub port_range: (u16, u16),
+    /// Between SIGTERM and SIGKILL when a sandbox is terminated.
+    pub grace: Duration,
+    /// Cap on a sandbox's captured output file.
+    pub log_max_bytes: u64,
+    /// Cap on each of stdout and stderr returned by exec.
+    pub exec_output_max_bytes: usize,
+    pub exec_timeout: Duration,
+    pub exec_max_timeout: Duration,
+    pub memory_mb: Option<u64>,
+    pub cpu_secs: Option<u64>,
+    pub max_processes: Option<u64>,
+    pub max_open_files: Option<u64>,
 }
 
 /// The TLS listener and the data plane's limits.
@@ -436,6 +494,42 @@ impl Config {
             cache_capacity: k.cache_capacity.max(16),
         };
 
+        let o = raw.orchestrator;
+        let port_range = o
+            .port_range
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+            .filter(|(a, b)| *a >= 1024 && a <= b)
+            .ok_or_else(|| {
+                invalid(
+                    "orchestrator.port_range",
+                    format!(
+                        "`{}` is not a range such as \"20000-29999\" (from 1024 up)",
+                        o.port_range
+                    ),
+                )
+            })?;
+        if o.exec_timeout_secs == 0 || o.exec_timeout_secs > o.exec_max_timeout_secs {
+            return Err(invalid(
+                "orchestrator.exec_timeout_secs",
+                "must be between 1 and orchestrator.exec_max_timeout_secs".into(),
+            ));
+        }
+        let nonzero = |v: u64| (v != 0).then_some(v);
+        let orchestrator = OrchestratorConfig {
+            enabled: o.enabled,
+            port_range,
+            grace: Duration::from_secs(o.grace_secs),
+            log_max_bytes: o.log_max_bytes.max(1024),
+            exec_output_max_bytes: o.exec_output_max_bytes.max(1024),
+            exec_timeout: Duration::from_secs(o.exec_timeout_secs),
+            exec_max_timeout: Duration::from_secs(o.exec_max_timeout_secs),
+            memory_mb: nonzero(o.memory_mb),
+            cpu_secs: nonzero(o.cpu_secs),
+            max_processes: nonzero(o.max_processes),
+            max_open_files: nonzero(o.max_open_files),
+        };
+
         Ok(Config {
             source: path.map(Path::to_path_buf),
             gateway,
@@ -443,6 +537,7 @@ impl Config {
             tls,
             store,
             tokens,
+            orchestrator,
         })
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::credential::{self, Scope, Secret};
+use crate::sandbox::process::Driver;
 use crate::sandbox::Routes;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{AuditEvent, CredentialRecord, Store, StoreError, StoredSigningKey};
@@ -52,6 +53,8 @@ pub struct Gateway {
     pub tracker: Arc<Tracker>,
     pub metrics: Arc<Metrics>,
     pub certs: Arc<CertResolver>,
+    /// The process driver for `command` sandboxes; `None` on a gateway-only node.
+    pub driver: Option<Arc<Driver>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -93,6 +96,26 @@ impl Gateway {
         for record in store.sandboxes().await? {
             routes.upsert(&record);
         }
+        let tracker = Arc::new(Tracker::new());
+        let driver = if config.orchestrator.enabled {
+            let driver = Arc::new(Driver::new(
+                config.orchestrator.clone(),
+                &config.store.data_dir,
+                Arc::clone(&store),
+                Arc::clone(&routes),
+                Arc::clone(&tracker),
+            ));
+            let ended = driver.reconcile().await?;
+            if ended > 0 {
+                tracing::warn!(
+                    sandboxes = ended,
+                    "ended process sandboxes left running by a previous run"
+                );
+            }
+            Some(driver)
+        } else {
+            None
+        };
         tracing::info!(
             sandboxes = routes.len(),
             data_dir = %data_dir.display(),
@@ -104,9 +127,10 @@ impl Gateway {
             store,
             tokens,
             routes,
-            tracker: Arc::new(Tracker::new()),
+            tracker,
             metrics: Arc::new(Metrics::new()),
             certs,
+            driver,
         }))
     }
 

@@ -189,7 +189,7 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         match self.admit(&parts, ctx, port, id, via_host).await {
             Ok(Admitted::Forward { claims, route }) => {
-                self.forward(parts, body, ctx, &route, port, &claims, via_host, host)
+                self.forward(parts, body, ctx, &route, port, &claims, host)
                     .await
             }
             Ok(Admitted::Exchange {
@@ -273,7 +273,6 @@ impl Proxy {
         route: &Route,
         port: u16,
         claims: &Claims,
-        via_host: bool,
         host: HeaderValue,
     ) -> Response<Body> {
         let cfg = &self.gw.config.gateway;
@@ -310,9 +309,9 @@ impl Proxy {
         let origin = hdrs.get(header::ORIGIN).cloned();
         let upgrade = headers::strip_request(&mut hdrs);
         strip_bearer(&mut hdrs);
-        if via_host {
-            headers::remove_cookie(&mut hdrs);
-        }
+        // Our cookie goes in every mode: header routing never reads it, but a client that sends
+        // it anyway must not hand its session to the sandbox.
+        headers::remove_cookie(&mut hdrs);
         let offered_marker = headers::remove_subprotocols(&mut hdrs);
         if route.rewrite_host {
             hdrs.insert(header::HOST, target.host_header.clone());

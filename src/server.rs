@@ -146,6 +146,9 @@ pub async fn run(
         tracing::warn!("drain deadline passed; closing remaining connections");
     }
     hard_stop.cancel();
+    if let Some(driver) = &gw.driver {
+        driver.shutdown().await;
+    }
     background.abort();
     let _ = telemetry.await;
     Ok(())

@@ -543,7 +543,11 @@ pub async fn websocket(
 
 /// Sends `req` on a fresh HTTP/1.1 connection whose TLS SNI is `sni`, whatever its Host says
 /// (for Hosts the dev certificate does not cover, or spelled in odd case).
-pub async fn send_with_sni(tls: &TlsClient, sni: &str, req: Request<Full<Bytes>>) -> Response<Bytes> {
+pub async fn send_with_sni(
+    tls: &TlsClient,
+    sni: &str,
+    req: Request<Full<Bytes>>,
+) -> Response<Bytes> {
     let mut sender = tls.h1(sni).await;
     let resp = sender.send_request(req).await.expect("request");
     let (parts, body) = resp.into_parts();
@@ -559,7 +563,10 @@ pub async fn get_with_sni(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Response<Bytes> {
-    let mut req = Request::builder().method(Method::GET).uri(path).header("host", host);
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header("host", host);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -607,10 +614,17 @@ pub async fn raw_h1(tls: &TlsClient, sni: &str, request: &[u8]) -> String {
 pub fn assert_upstream_never_saw(echo: &Echo, needle: &str) {
     assert!(!needle.is_empty());
     for seen in echo.requests() {
-        assert!(!seen.uri.contains(needle), "upstream saw {needle:?} in the URI {}", seen.uri);
+        assert!(
+            !seen.uri.contains(needle),
+            "upstream saw {needle:?} in the URI {}",
+            seen.uri
+        );
         for (name, value) in &seen.headers {
             let value = String::from_utf8_lossy(value.as_bytes());
-            assert!(!value.contains(needle), "upstream saw {needle:?} in {name}: {value}");
+            assert!(
+                !value.contains(needle),
+                "upstream saw {needle:?} in {name}: {value}"
+            );
         }
         let body = String::from_utf8_lossy(&seen.body);
         assert!(!body.contains(needle), "upstream saw {needle:?} in a body");
@@ -633,7 +647,11 @@ pub async fn browser_session(gw: &TestGateway, id: &str, port: u16) -> String {
     let token = gw.token(id, port).await;
     let resp = gw
         .tls()
-        .get(&sandbox_host(port, id), &format!("/?_sandgate_token={token}"), &[])
+        .get(
+            &sandbox_host(port, id),
+            &format!("/?_sandgate_token={token}"),
+            &[],
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER, "{:?}", resp.body());
     session_cookie(&resp)

@@ -1,0 +1,655 @@
+//! The process driver: runs `command` sandboxes as local process groups.
+//!
+//! Each sandbox gets its own working directory (`<data_dir>/sandboxes/<id>/`), its own process
+//! group, host ports allocated from `[orchestrator] port_range`, resource limits applied with
+//! `prlimit` (so no `unsafe` `pre_exec` is needed), and a size-capped log of its output. A
+//! supervisor task per sandbox moves it `starting` → `running` once every published port
+//! accepts connections, to `failed` if it exits before that, and to `stopped` when it ends,
+//! is terminated or reaches its deadline. Ending always kills the whole group: no orphan
+//! survives.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::OrchestratorConfig;
+use crate::sandbox::Routes;
+use crate::store::{ProcessInfo, SandboxRecord, SandboxStatus, Store, StoreError};
+use crate::tracker::Tracker;
+use crate::unix_now;
+
+/// Why the driver could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// Every port in the configured range is taken.
+    #[error("no free host port left in the orchestrator's port range")]
+    NoFreePort,
+    /// The sandbox directory could not be made.
+    #[error("cannot prepare the sandbox directory: {0}")]
+    Dir(#[source] std::io::Error),
+    /// The command could not be started (not found, not executable...).
+    #[error("cannot start the command: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// The store refused the record.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The sandbox is not running here.
+    #[error("the sandbox is not running")]
+    NotRunning,
+}
+
+/// One `exec` request.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Duration,
+}
+
+/// What an `exec` produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExecOutput {
+    /// `None` when the process was killed by a signal (including the timeout).
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub timed_out: bool,
+    pub duration_ms: u64,
+}
+
+/// A running sandbox's handle.
+struct Running {
+    /// Cancel to terminate.
+    stop: CancellationToken,
+    /// Becomes true when the supervisor has finished (process group gone, store updated).
+    done: watch::Receiver<bool>,
+}
+
+/// Runs and supervises process sandboxes.
+pub struct Driver {
+    cfg: OrchestratorConfig,
+    data_dir: PathBuf,
+    store: Arc<dyn Store>,
+    routes: Arc<Routes>,
+    tracker: Arc<Tracker>,
+    running: DashMap<String, Running>,
+    ports: Mutex<BTreeSet<u16>>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("running", &self.running.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Driver {
+    pub fn new(
+        cfg: OrchestratorConfig,
+        data_dir: &Path,
+        store: Arc<dyn Store>,
+        routes: Arc<Routes>,
+        tracker: Arc<Tracker>,
+    ) -> Driver {
+        Driver {
+            cfg,
+            data_dir: data_dir.to_path_buf(),
+            store,
+            routes,
+            tracker,
+            running: DashMap::new(),
+            ports: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Default resource limits from the config, for fields the request left out.
+    pub fn default_limits(&self) -> ProcessInfo {
+        ProcessInfo {
+            pgid: None,
+            memory_mb: self.cfg.memory_mb,
+            cpu_secs: self.cfg.cpu_secs,
+            max_processes: self.cfg.max_processes,
+            max_open_files: self.cfg.max_open_files,
+        }
+    }
+
+    /// The sandbox's working directory.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("sandboxes").join(id)
+    }
+
+    /// Its captured output.
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join("output.log")
+    }
+
+    pub fn is_running(&self, id: &str) -> bool {
+        self.running.contains_key(id)
+    }
+
+    /// On start: process sandboxes left `starting`/`running` by a previous run are ended. Their
+    /// leftover process groups (if any survived a crash) are killed, not adopted silently.
+    pub async fn reconcile(&self) -> Result<usize, StoreError> {
+        let mut ended = 0;
+        for mut record in self.store.sandboxes().await? {
+            if record.command.is_none() || !record.status.is_live() {
+                continue;
+            }
+            if let Some(pgid) = record.process.pgid {
+                if group_belongs_to(pgid, &record.id) {
+                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                    tracing::warn!(sandbox = %record.id, pgid, "killed a leftover sandbox process group from a previous run");
+                }
+            }
+            record.status = SandboxStatus::Stopped;
+            record.ended_at = Some(unix_now());
+            record.detail =
+                Some("sandgate restarted while the sandbox ran; its processes were ended".into());
+            self.store.update_sandbox(&record).await?;
+            self.routes.upsert(&record);
+            ended += 1;
+        }
+        Ok(ended)
+    }
+
+    /// Allocates ports, starts the command and its supervisor, and stores the record as
+    /// `starting`. Returns the stored record.
+    pub async fn start(
+        self: &Arc<Self>,
+        mut record: SandboxRecord,
+    ) -> Result<SandboxRecord, DriverError> {
+        let command = record.command.clone().unwrap_or_default();
+        let host_ports = self.allocate(record.ports.len())?;
+        record.host_ports = record
+            .ports
+            .iter()
+            .copied()
+            .zip(host_ports.iter().copied())
+            .collect();
+        let dir = self.sandbox_dir(&record.id);
+        let prepared = prepare_dir(&dir);
+        if let Err(e) = prepared {
+            self.release(&host_ports);
+            return Err(DriverError::Dir(e));
+        }
+        let mut cmd = self.command(&record, &command, &dir, &record.env);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                self.release(&host_ports);
+                return Err(DriverError::Spawn(e));
+            }
+        };
+        let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+        record.process.pgid = pgid;
+        record.status = SandboxStatus::Starting;
+        if let Err(e) = self.store.insert_sandbox(&record).await {
+            if let Some(pgid) = pgid {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+            self.release(&host_ports);
+            return Err(e.into());
+        }
+        self.routes.upsert(&record);
+
+        let stop = CancellationToken::new();
+        let (done_tx, done_rx) = watch::channel(false);
+        self.running.insert(
+            record.id.clone(),
+            Running {
+                stop: stop.clone(),
+                done: done_rx,
+            },
+        );
+        let log = LogSink::open(&self.log_path(&record.id), self.cfg.log_max_bytes).await;
+        let pumps = [
+            child
+                .stdout
+                .take()
+                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
+            child
+                .stderr
+                .take()
+                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
+        ];
+        let this = Arc::clone(self);
+        let id = record.id.clone();
+        let deadline = record.expires_at;
+        tokio::spawn(async move {
+            this.supervise(id, child, pgid, stop, deadline, host_ports, pumps)
+                .await;
+            let _ = done_tx.send(true);
+        });
+        Ok(record)
+    }
+
+    /// Terminates a running sandbox (SIGTERM to its group, SIGKILL after the grace period) and
+    /// waits until it is gone. Returns false if it was not running here.
+    pub async fn terminate(&self, id: &str) -> bool {
+        let Some((stop, mut done)) = self
+            .running
+            .get(id)
+            .map(|r| (r.stop.clone(), r.done.clone()))
+        else {
+            return false;
+        };
+        stop.cancel();
+        let wait = self.cfg.grace + Duration::from_secs(5);
+        let _ = tokio::time::timeout(wait, done.wait_for(|d| *d)).await;
+        true
+    }
+
+    /// Ends every running sandbox (gateway shutdown).
+    pub async fn shutdown(&self) {
+        let ids: Vec<String> = self.running.iter().map(|r| r.key().clone()).collect();
+        for id in ids {
+            self.terminate(&id).await;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn supervise(
+        self: Arc<Self>,
+        id: String,
+        mut child: Child,
+        pgid: Option<i32>,
+        stop: CancellationToken,
+        deadline: Option<i64>,
+        host_ports: Vec<u16>,
+        pumps: [Option<tokio::task::JoinHandle<()>>; 2],
+    ) {
+        let mut ready = false;
+        let mut probe = tokio::time::interval(Duration::from_millis(100));
+        let until_deadline =
+            deadline.map(|d| Duration::from_secs(u64::try_from(d - unix_now()).unwrap_or(0)));
+        let timeout = async {
+            match until_deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(timeout);
+        let outcome = loop {
+            tokio::select! {
+                status = child.wait() => {
+                    break match status {
+                        Ok(s) => Outcome::Exited(s),
+                        Err(e) => Outcome::Lost(e.to_string()),
+                    };
+                }
+                _ = stop.cancelled() => {
+                    self.end_group(pgid, &mut child).await;
+                    break Outcome::Terminated;
+                }
+                _ = &mut timeout => {
+                    self.end_group(pgid, &mut child).await;
+                    break Outcome::TimedOut;
+                }
+                _ = probe.tick(), if !ready => {
+                    if all_accept(&host_ports).await {
+                        ready = true;
+                        self.set_status(&id, SandboxStatus::Running, None).await;
+                    }
+                }
+            }
+        };
+        // Whatever ended, nothing of the group may outlive it.
+        if let Some(pgid) = pgid {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        for pump in pumps.into_iter().flatten() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
+        }
+        let (status, detail) = match outcome {
+            Outcome::Exited(s) if !ready => (
+                SandboxStatus::Failed,
+                format!(
+                    "exited ({}) before its ports accepted connections; output:\n{}",
+                    describe(&s),
+                    log_tail(&self.log_path(&id), 2048)
+                ),
+            ),
+            Outcome::Exited(s) => (SandboxStatus::Stopped, format!("exited ({})", describe(&s))),
+            Outcome::Terminated => (SandboxStatus::Stopped, "terminated".to_string()),
+            Outcome::TimedOut => (SandboxStatus::Stopped, "reached its timeout".to_string()),
+            Outcome::Lost(e) => (
+                SandboxStatus::Failed,
+                format!("lost track of the process: {e}"),
+            ),
+        };
+        tracing::info!(sandbox = %id, status = %status, detail = %detail.lines().next().unwrap_or(""), "sandbox ended");
+        self.set_status(&id, status, Some(detail)).await;
+        self.tracker.close_sandbox(&id);
+        self.release(&host_ports);
+        self.running.remove(&id);
+    }
+
+    /// SIGTERM to the group, then SIGKILL after the grace period.
+    async fn end_group(&self, pgid: Option<i32>, child: &mut Child) {
+        let Some(pgid) = pgid else {
+            let _ = child.kill().await;
+            return;
+        };
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
+        if tokio::time::timeout(self.cfg.grace, child.wait())
+            .await
+            .is_err()
+        {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            let _ = child.wait().await;
+        }
+    }
+
+    async fn set_status(&self, id: &str, status: SandboxStatus, detail: Option<String>) {
+        let record = match self.store.sandbox(id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::error!(sandbox = %id, error = %err, "cannot read sandbox to update its status");
+                return;
+            }
+        };
+        let mut record = record;
+        // A terminal status is final: a late "running" must not revive a stopped sandbox.
+        if !record.status.is_live() {
+            return;
+        }
+        record.status = status;
+        if !status.is_live() {
+            record.ended_at = Some(unix_now());
+        }
+        if detail.is_some() {
+            record.detail = detail;
+        }
+        if let Err(err) = self.store.update_sandbox(&record).await {
+            tracing::error!(sandbox = %id, error = %err, "cannot store sandbox status");
+        }
+        self.routes.upsert(&record);
+    }
+
+    /// Runs a command in the sandbox's directory and environment, under its limits.
+    pub async fn exec(
+        &self,
+        record: &SandboxRecord,
+        req: ExecRequest,
+    ) -> Result<ExecOutput, DriverError> {
+        let dir = self.sandbox_dir(&record.id);
+        prepare_dir(&dir).map_err(DriverError::Dir)?;
+        let mut env = record.env.clone();
+        env.extend(req.env.clone());
+        let mut cmd = self.command(record, &req.command, &dir, &env);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let started = std::time::Instant::now();
+        let mut child = cmd.spawn().map_err(DriverError::Spawn)?;
+        let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+        let cap = self.cfg.exec_output_max_bytes;
+        let out = child.stdout.take().map(|s| tokio::spawn(capture(s, cap)));
+        let err = child.stderr.take().map(|s| tokio::spawn(capture(s, cap)));
+        let (status, timed_out) = match tokio::time::timeout(req.timeout, child.wait()).await {
+            Ok(status) => (status.ok(), false),
+            Err(_) => {
+                if let Some(pgid) = pgid {
+                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                }
+                (child.wait().await.ok(), true)
+            }
+        };
+        // Background children holding the pipes open would keep us reading forever.
+        if let Some(pgid) = pgid {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        let collect = |h: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>| async move {
+            match h {
+                Some(h) => tokio::time::timeout(Duration::from_secs(2), h)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default(),
+                None => (Vec::new(), false),
+            }
+        };
+        let (stdout, stdout_truncated) = collect(out).await;
+        let (stderr, stderr_truncated) = collect(err).await;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(ExecOutput {
+            exit_code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| s.signal()),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            stdout_truncated,
+            stderr_truncated,
+            timed_out,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// `prlimit <limits> -- <command>` in its own process group, with the sandbox's
+    /// environment. The gateway's own `SANDGATE_*` variables (keys, URLs) never reach it.
+    fn command(
+        &self,
+        record: &SandboxRecord,
+        command: &[String],
+        dir: &Path,
+        env: &BTreeMap<String, String>,
+    ) -> Command {
+        let mut cmd = Command::new("prlimit");
+        let limits = &record.process;
+        if let Some(mb) = limits.memory_mb {
+            cmd.arg(format!("--as={}", mb.saturating_mul(1024 * 1024)));
+        }
+        if let Some(secs) = limits.cpu_secs {
+            cmd.arg(format!("--cpu={secs}"));
+        }
+        if let Some(n) = limits.max_processes {
+            cmd.arg(format!("--nproc={n}"));
+        }
+        if let Some(n) = limits.max_open_files {
+            cmd.arg(format!("--nofile={n}"));
+        }
+        cmd.arg("--").args(command);
+        cmd.current_dir(dir)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(false);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("SANDGATE_") {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.envs(env);
+        if let Some((_, first)) = record.host_ports.iter().next() {
+            cmd.env("PORT", first.to_string());
+        }
+        for (published, host) in &record.host_ports {
+            cmd.env(format!("PORT_{published}"), host.to_string());
+        }
+        cmd.env("SANDGATE_SANDBOX_ID", &record.id);
+        cmd
+    }
+
+    /// Picks `n` free host ports from the range, never handing one out twice.
+    fn allocate(&self, n: usize) -> Result<Vec<u16>, DriverError> {
+        let (lo, hi) = self.cfg.port_range;
+        let span = u32::from(hi - lo) + 1;
+        let mut taken = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut chosen = Vec::with_capacity(n);
+        let start = rand::rng().random_range(0..span);
+        for i in 0..span {
+            if chosen.len() == n {
+                break;
+            }
+            let port = lo + u16::try_from((start + i) % span).unwrap_or(0);
+            if taken.contains(&port) || chosen.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                chosen.push(port);
+            }
+        }
+        if chosen.len() < n {
+            return Err(DriverError::NoFreePort);
+        }
+        taken.extend(&chosen);
+        Ok(chosen)
+    }
+
+    fn release(&self, ports: &[u16]) {
+        let mut taken = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
+        for p in ports {
+            taken.remove(p);
+        }
+    }
+}
+
+enum Outcome {
+    Exited(std::process::ExitStatus),
+    Terminated,
+    TimedOut,
+    Lost(String),
+}
+
+fn describe(s: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "unknown status".into(),
+    }
+}
+
+fn prepare_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// True when every port accepts a TCP connection on loopback.
+async fn all_accept(ports: &[u16]) -> bool {
+    for &p in ports {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", p));
+        match tokio::time::timeout(Duration::from_millis(200), connect).await {
+            Ok(Ok(_)) => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// True when process group `pgid` is alive and its leader is the given sandbox's process
+/// (checked through its environment), so a recycled pid is never killed by mistake.
+fn group_belongs_to(pgid: i32, id: &str) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pgid}/environ")) else {
+        return false;
+    };
+    let marker = format!("SANDGATE_SANDBOX_ID={id}");
+    environ
+        .split(|b| *b == 0)
+        .any(|entry| entry == marker.as_bytes())
+}
+
+/// The last `max` bytes of a file, as text.
+pub fn log_tail(path: &Path, max: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// A sandbox's output file, capped: past the cap one marker line is written and the rest is
+/// dropped (still read, so the process never blocks on a full pipe).
+struct LogSink {
+    file: Option<tokio::fs::File>,
+    written: u64,
+    cap: u64,
+}
+
+impl LogSink {
+    async fn open(path: &Path, cap: u64) -> Arc<tokio::sync::Mutex<LogSink>> {
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await
+            .map_err(
+                |e| tracing::error!(path = %path.display(), error = %e, "cannot open sandbox log"),
+            )
+            .ok();
+        Arc::new(tokio::sync::Mutex::new(LogSink {
+            file,
+            written: 0,
+            cap,
+        }))
+    }
+
+    async fn write(&mut self, data: &[u8]) {
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
+        let room = self.cap.saturating_sub(self.written);
+        let take = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
+        if take > 0 {
+            let _ = file.write_all(&data[..take]).await;
+            self.written += take as u64;
+        }
+        if take < data.len() {
+            let _ = file
+                .write_all(
+                    format!("\n[sandgate: output truncated at {} bytes]\n", self.cap).as_bytes(),
+                )
+                .await;
+            let _ = file.flush().await;
+            self.file = None;
+        }
+    }
+}
+
+async fn pump(mut src: impl AsyncRead + Unpin, sink: Arc<tokio::sync::Mutex<LogSink>>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match src.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => sink.lock().await.write(&buf[..n]).await,
+        }
+    }
+    if let Some(f) = sink.lock().await.file.as_mut() {
+        let _ = f.flush().await;
+    }
+}
+
+/// Reads a stream to its end, keeping at most `cap` bytes; returns them and whether more came.
+async fn capture(mut src: impl AsyncRead + Unpin, cap: usize) -> (Vec<u8>, bool) {
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match src.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                if n > room {
+                    truncated = true;
+                }
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+    (kept, truncated)
+}
