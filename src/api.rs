@@ -66,6 +66,57 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 // ---------------------------------------------------------------------------------------------
 // Authentication and extractors
 
+type KeyedLimiter<K> = governor::DefaultKeyedRateLimiter<K>;
+
+/// Rate limits on the control API: per credential, and per client address.
+pub struct RateLimits {
+    credential: KeyedLimiter<String>,
+    address: KeyedLimiter<std::net::IpAddr>,
+}
+
+impl std::fmt::Debug for RateLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimits").finish_non_exhaustive()
+    }
+}
+
+impl RateLimits {
+    pub fn new(cfg: &crate::config::ApiConfig) -> RateLimits {
+        use governor::Quota;
+        RateLimits {
+            credential: governor::RateLimiter::keyed(
+                Quota::per_second(cfg.requests_per_second).allow_burst(cfg.burst),
+            ),
+            address: governor::RateLimiter::keyed(
+                Quota::per_second(cfg.address_requests_per_second).allow_burst(cfg.address_burst),
+            ),
+        }
+    }
+
+    /// Forgets idle keys (called periodically so the maps stay bounded).
+    pub fn shrink(&self) {
+        self.credential.retain_recent();
+        self.address.retain_recent();
+    }
+
+    fn check<K: std::hash::Hash + Eq + Clone>(
+        limiter: &KeyedLimiter<K>,
+        key: &K,
+    ) -> Result<(), HttpError> {
+        use governor::clock::{Clock, DefaultClock};
+        limiter.check_key(key).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let mut e = HttpError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many API requests; retry after the time in Retry-After",
+            );
+            e.retry_after = Some(wait.as_secs().max(1));
+            e
+        })
+    }
+}
+
 /// The authenticated caller of a `/v1` endpoint.
 pub struct Caller {
     pub credential: CredentialRecord,
@@ -98,10 +149,11 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, gw: &AppState) -> Result<Self, HttpError> {
-        let client_addr = parts
-            .extensions
-            .get::<ClientAddr>()
-            .map(|a| a.0.ip().to_string());
+        let ip = parts.extensions.get::<ClientAddr>().map(|a| a.0.ip());
+        if let Some(ip) = &ip {
+            RateLimits::check(&gw.api_limits.address, ip)?;
+        }
+        let client_addr = ip.map(|ip| ip.to_string());
         let presented = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -114,10 +166,13 @@ impl FromRequestParts<AppState> for Caller {
         let hash = credential::hash_secret(presented);
         let record = gw.store.credential_by_hash(&hash).await?;
         match record {
-            Some(c) if c.secret_hash.matches(&hash) && c.is_active(unix_now()) => Ok(Caller {
-                credential: c,
-                client_addr,
-            }),
+            Some(c) if c.secret_hash.matches(&hash) && c.is_active(unix_now()) => {
+                RateLimits::check(&gw.api_limits.credential, &c.id)?;
+                Ok(Caller {
+                    credential: c,
+                    client_addr,
+                })
+            }
             _ => Err(HttpError::unauthenticated(
                 "the API key is unknown, revoked or expired",
             )),

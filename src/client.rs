@@ -153,6 +153,29 @@ impl ApiClient {
         &self.base
     }
 
+    /// Sends a GET-like call and returns the response with its body unread (for streams).
+    pub async fn stream(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = Request::builder().method(method).uri(&url);
+        if let Some(key) = &self.api_key {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|_| ClientError::BadUrl(url.clone()))?;
+        self.http
+            .request(req)
+            .await
+            .map_err(|e| ClientError::Connect {
+                url: self.base.clone(),
+                detail: error_chain(&e),
+            })
+    }
+
     /// Sends one call; `body` is sent as JSON.
     pub async fn call(
         &self,
@@ -179,15 +202,11 @@ impl ApiClient {
             url: self.base.clone(),
             detail,
         };
-        let response = self.http.request(req).await.map_err(|e| {
-            let mut detail = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                detail = format!("{detail}: {s}");
-                source = s.source();
-            }
-            connect_err(detail)
-        })?;
+        let response = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| connect_err(error_chain(&e)))?;
         let status = response.status();
         let body = response
             .into_body()
@@ -197,4 +216,15 @@ impl ApiClient {
             .to_bytes();
         Ok(ApiResponse { status, body })
     }
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut detail = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        detail = format!("{detail}: {s}");
+        source = s.source();
+    }
+    detail
 }

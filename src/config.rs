@@ -45,6 +45,27 @@ struct RawConfig {
     store: RawStore,
     tokens: RawTokens,
     orchestrator: RawOrchestrator,
+    api: RawApi,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawApi {
+    requests_per_second: u32,
+    burst: u32,
+    address_requests_per_second: u32,
+    address_burst: u32,
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        RawApi {
+            requests_per_second: 100,
+            burst: 200,
+            address_requests_per_second: 200,
+            address_burst: 400,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +225,17 @@ pub struct Config {
     pub store: StoreConfig,
     pub tokens: TokensConfig,
     pub orchestrator: OrchestratorConfig,
+    pub api: ApiConfig,
+}
+
+/// Control API rate limits: per credential, and per client address (which also bounds how
+/// fast anyone can guess keys).
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub requests_per_second: std::num::NonZeroU32,
+    pub burst: std::num::NonZeroU32,
+    pub address_requests_per_second: std::num::NonZeroU32,
+    pub address_burst: std::num::NonZeroU32,
 }
 
 /// The process driver for `command` sandboxes. Limits of 0 in the file mean unlimited
@@ -530,6 +562,21 @@ impl Config {
             max_open_files: nonzero(o.max_open_files),
         };
 
+        let a = raw.api;
+        let nz = |key: &'static str, v: u32| {
+            std::num::NonZeroU32::new(v)
+                .ok_or_else(|| invalid(key, "must be greater than 0".into()))
+        };
+        let api = ApiConfig {
+            requests_per_second: nz("api.requests_per_second", a.requests_per_second)?,
+            burst: nz("api.burst", a.burst)?,
+            address_requests_per_second: nz(
+                "api.address_requests_per_second",
+                a.address_requests_per_second,
+            )?,
+            address_burst: nz("api.address_burst", a.address_burst)?,
+        };
+
         Ok(Config {
             source: path.map(Path::to_path_buf),
             gateway,
@@ -538,6 +585,7 @@ impl Config {
             store,
             tokens,
             orchestrator,
+            api,
         })
     }
 }

@@ -55,6 +55,8 @@ pub struct Gateway {
     pub certs: Arc<CertResolver>,
     /// The process driver for `command` sandboxes; `None` on a gateway-only node.
     pub driver: Option<Arc<Driver>>,
+    /// Control API rate limits.
+    pub api_limits: crate::api::RateLimits,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -123,7 +125,6 @@ impl Gateway {
         );
 
         Ok(Arc::new(Gateway {
-            config,
             store,
             tokens,
             routes,
@@ -131,6 +132,8 @@ impl Gateway {
             metrics: Arc::new(Metrics::new()),
             certs,
             driver,
+            api_limits: crate::api::RateLimits::new(&config.api),
+            config,
         }))
     }
 
@@ -150,6 +153,31 @@ impl Gateway {
         self.tokens.set_keys(keys)?;
         tracing::info!(kid = %self.tokens.signing_kid(), "signing keys reloaded");
         Ok(true)
+    }
+
+    /// Ends sandboxes registered with an `upstream` whose `timeout_secs` has passed (the
+    /// process driver ends its own at their deadline). Returns how many ended.
+    pub async fn expire_sandboxes(&self, now: i64) -> Result<usize, StoreError> {
+        let mut ended = 0;
+        for id in self.routes.overdue(now) {
+            let Some(mut record) = self.store.sandbox(&id).await? else {
+                continue;
+            };
+            if !record.status.is_live() {
+                self.routes.upsert(&record);
+                continue;
+            }
+            record.status = crate::store::SandboxStatus::Stopped;
+            record.ended_at = Some(now);
+            record.detail = Some("reached its timeout".into());
+            self.store.update_sandbox(&record).await?;
+            self.routes.upsert(&record);
+            self.tracker.close_sandbox(&record.id);
+            self.audit("sandgate", "sandbox.expire", &record.id, None)
+                .await;
+            ended += 1;
+        }
+        Ok(ended)
     }
 
     /// Records an audit event in the store and as one structured log line.

@@ -108,11 +108,40 @@ struct ApiArgs {
 
 #[derive(Subcommand)]
 enum SandboxCommand {
-    /// Register a sandbox.
+    /// Create a sandbox: run a command (after `--`), or register a service run elsewhere
+    /// (`--upstream`).
+    #[command(
+        after_help = "Examples:\n  sandgate sandbox create --port 8000 --wait --open-port 8000 -- sh -c 'exec python3 -m http.server $PORT'\n  sandgate sandbox create --upstream 10.0.3.7 --port 8888"
+    )]
     Create {
         /// Host of a service run elsewhere (e.g. 127.0.0.1); port P is reached at HOST:P.
+        #[arg(long, conflicts_with = "command")]
+        upstream: Option<String>,
+        /// The command to run; it gets PORT (host port of the first published port) and
+        /// PORT_<n> for each published port n.
+        #[arg(last = true)]
+        command: Vec<String>,
+        /// Environment for the command, KEY=VALUE (repeat).
+        #[arg(long = "env", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Address-space limit per process, MiB.
         #[arg(long)]
-        upstream: String,
+        memory_mb: Option<u64>,
+        /// CPU-time limit per process, seconds.
+        #[arg(long)]
+        cpu_secs: Option<u64>,
+        /// Maximum processes.
+        #[arg(long)]
+        max_processes: Option<u64>,
+        /// Maximum open files per process.
+        #[arg(long)]
+        max_open_files: Option<u64>,
+        /// Wait until the sandbox is running (or has failed), showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: also mint a token for this port and print a ready-to-open URL.
+        #[arg(long, requires = "wait")]
+        open_port: Option<u16>,
         /// A published port (repeat for several).
         #[arg(long = "port", required = true)]
         ports: Vec<u16>,
@@ -136,6 +165,25 @@ enum SandboxCommand {
     Get { id: String },
     /// Terminate a sandbox: its tokens stop working and its connections close.
     Rm { id: String },
+    /// Run a command inside a sandbox; prints its output and exits with its exit code.
+    Exec {
+        id: String,
+        /// Give up (and kill it) after this long [default: the gateway's, 60s]
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<i64>,
+        /// Extra environment, KEY=VALUE (repeat).
+        #[arg(long = "env", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print a sandbox's output so far.
+    Logs {
+        id: String,
+        /// Keep streaming new output until the sandbox ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -438,6 +486,14 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
     let r = match &command {
         SandboxCommand::Create {
             upstream,
+            command,
+            env,
+            memory_mb,
+            cpu_secs,
+            max_processes,
+            max_open_files,
+            wait,
+            open_port,
             ports,
             cors_origins,
             rewrite_host,
@@ -445,20 +501,90 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
             metadata,
         } => {
             let mut body = json!({
-                "upstream": upstream,
                 "ports": ports,
                 "cors_origins": cors_origins,
                 "rewrite_host": rewrite_host,
             });
+            match (upstream, command.is_empty()) {
+                (Some(u), true) => body["upstream"] = json!(u),
+                (None, false) => {
+                    body["command"] = json!(command);
+                    body["env"] = json!(env
+                        .iter()
+                        .cloned()
+                        .collect::<std::collections::BTreeMap<_, _>>());
+                    for (key, v) in [
+                        ("memory_mb", memory_mb),
+                        ("cpu_secs", cpu_secs),
+                        ("max_processes", max_processes),
+                        ("max_open_files", max_open_files),
+                    ] {
+                        if let Some(v) = v {
+                            body[key] = json!(v);
+                        }
+                    }
+                }
+                _ => bail!("give a command after `--`, or --upstream HOST (see --help)"),
+            }
             if let Some(t) = timeout {
                 body["timeout_secs"] = json!(t);
             }
             if let Some(m) = metadata {
                 body["metadata"] = parse_json_object(m, "--metadata")?;
             }
-            client
+            let r = client
                 .call(Method::POST, "/v1/sandboxes", Some(&body))
-                .await?
+                .await?;
+            if *wait && r.status.is_success() {
+                let id = r.json()?["id"].as_str().unwrap_or_default().to_string();
+                return wait_running(&api, &client, &id, *open_port).await;
+            }
+            r
+        }
+        SandboxCommand::Exec {
+            id,
+            timeout,
+            env,
+            command,
+        } => {
+            let mut body = json!({
+                "command": command,
+                "env": env.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            });
+            if let Some(t) = timeout {
+                body["timeout_secs"] = json!(t);
+            }
+            let path = format!("/v1/sandboxes/{}/exec", path_segment(id)?);
+            let r = client.call(Method::POST, &path, Some(&body)).await?;
+            if !r.status.is_success() || api.json {
+                return finish(&api, r, |_| {});
+            }
+            let v = r.json()?;
+            print!("{}", v["stdout"].as_str().unwrap_or_default());
+            eprint!("{}", v["stderr"].as_str().unwrap_or_default());
+            if v["stdout_truncated"].as_bool() == Some(true)
+                || v["stderr_truncated"].as_bool() == Some(true)
+            {
+                eprintln!("sandgate: output truncated");
+            }
+            if v["timed_out"].as_bool() == Some(true) {
+                eprintln!("sandgate: the command timed out and was killed");
+                return Ok(ExitCode::from(124));
+            }
+            let code = match (v["exit_code"].as_i64(), v["signal"].as_i64()) {
+                (Some(c), _) => u8::try_from(c).unwrap_or(1),
+                (None, Some(s)) => u8::try_from(128 + s).unwrap_or(1),
+                _ => 1,
+            };
+            return Ok(ExitCode::from(code));
+        }
+        SandboxCommand::Logs { id, follow } => {
+            let path = format!(
+                "/v1/sandboxes/{}/logs{}",
+                path_segment(id)?,
+                if *follow { "?follow=true" } else { "" }
+            );
+            return stream_logs(&api, &client, &path).await;
         }
         SandboxCommand::List => client.call(Method::GET, "/v1/sandboxes", None).await?,
         SandboxCommand::Get { id } => {
@@ -497,6 +623,7 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
                 .collect(),
         ),
         SandboxCommand::Rm { id } => println!("Terminated {id}"),
+        SandboxCommand::Exec { .. } | SandboxCommand::Logs { .. } => {}
         SandboxCommand::Create { .. } => println!("{}", s(v, "id")),
         SandboxCommand::Get { .. } => {
             for key in [
@@ -609,6 +736,93 @@ async fn credential_command(api: ApiArgs, command: CredentialCommand) -> anyhow:
             finish(&api, r, |_| println!("Revoked {id}"))
         }
     }
+}
+
+/// Polls a new sandbox until it runs or fails, printing progress to stderr.
+async fn wait_running(
+    api: &ApiArgs,
+    client: &ApiClient,
+    id: &str,
+    open_port: Option<u16>,
+) -> anyhow::Result<ExitCode> {
+    let path = format!("/v1/sandboxes/{}", path_segment(id)?);
+    let started = std::time::Instant::now();
+    eprint!("sandbox {id}: starting");
+    loop {
+        let r = client.call(Method::GET, &path, None).await?;
+        if !r.status.is_success() {
+            eprintln!();
+            return finish(api, r, |_| {});
+        }
+        let v = r.json()?;
+        match v["status"].as_str() {
+            Some("running") => {
+                eprintln!(" → running ({:.1}s)", started.elapsed().as_secs_f64());
+                break;
+            }
+            Some("starting") => {
+                eprint!(".");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            other => {
+                eprintln!(" → {}", other.unwrap_or("unknown"));
+                if let Some(detail) = v["detail"].as_str() {
+                    eprintln!("{detail}");
+                }
+                return Ok(ExitCode::from(exit::FAILURE));
+            }
+        }
+    }
+    if api.json && open_port.is_none() {
+        let r = client.call(Method::GET, &path, None).await?;
+        return finish(api, r, |_| {});
+    }
+    println!("{id}");
+    if let Some(port) = open_port {
+        let r = client
+            .call(
+                Method::POST,
+                &format!("{path}/connect-tokens"),
+                Some(&json!({ "port": port })),
+            )
+            .await?;
+        return finish(api, r, |v| println!("{}", s(v, "url")));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Copies a (possibly endless) text response to stdout as it arrives.
+async fn stream_logs(api: &ApiArgs, client: &ApiClient, path: &str) -> anyhow::Result<ExitCode> {
+    use http_body_util::BodyExt;
+    use std::io::Write;
+    let response = client.stream(Method::GET, path).await?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return finish(api, ApiResponse { status, body }, |_| {});
+    }
+    let mut body = response.into_body();
+    let mut out = std::io::stdout();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("the log stream broke")?;
+        if let Some(data) = frame.data_ref() {
+            out.write_all(data)?;
+            out.flush()?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
 }
 
 fn items(v: &Value) -> Vec<Value> {

@@ -187,7 +187,7 @@ impl Proxy {
             return self.preflight(req.headers(), id);
         }
         let (parts, body) = req.into_parts();
-        match self.admit(&parts, ctx, port, id, via_host).await {
+        match self.admit(&parts, ctx, port, id, via_host, &host).await {
             Ok(Admitted::Forward { claims, route }) => {
                 self.forward(parts, body, ctx, &route, port, &claims, host)
                     .await
@@ -209,6 +209,7 @@ impl Proxy {
         port: u16,
         id: &str,
         via_host: bool,
+        host: &HeaderValue,
     ) -> Result<Admitted, HttpError> {
         let Some((transport, token)) = find_token(parts, via_host)? else {
             return Err(HttpError::token_missing());
@@ -253,7 +254,7 @@ impl Proxy {
             });
         }
         if transport == Transport::Cookie
-            && !cookie_request_allowed(&parts.method, &parts.headers, &route)
+            && !cookie_request_allowed(&parts.method, &parts.headers, host, &route)
         {
             return Err(HttpError::forbidden(
                 "a request from another origin may not use this sandbox's browser session",
@@ -668,7 +669,15 @@ fn is_preflight(req: &Request<Incoming>) -> bool {
 /// The browser rule for cookie-authenticated requests: same origin, a listed origin, or a
 /// top-level navigation. Sibling sandboxes are same-site, so `SameSite=Lax` alone would let
 /// them use each other's sessions.
-fn cookie_request_allowed(method: &Method, hdrs: &HeaderMap, route: &Route) -> bool {
+///
+/// `host` is the request's host as received: the `Host` header, or on HTTP/2 the
+/// `:authority`, which arrives without a `Host` header.
+fn cookie_request_allowed(
+    method: &Method,
+    hdrs: &HeaderMap,
+    host: &HeaderValue,
+    route: &Route,
+) -> bool {
     let get = |name: &str| hdrs.get(name).and_then(|v| v.to_str().ok());
     if (method == Method::GET || method == Method::HEAD)
         && get("sec-fetch-mode") == Some("navigate")
@@ -678,9 +687,9 @@ fn cookie_request_allowed(method: &Method, hdrs: &HeaderMap, route: &Route) -> b
     }
     match hdrs.get(header::ORIGIN).map(|o| o.to_str()) {
         Some(Ok(origin)) => {
-            let own = hdrs
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
+            let own = host
+                .to_str()
+                .ok()
                 .zip(origin.strip_prefix("https://"))
                 .is_some_and(|(host, o)| o.eq_ignore_ascii_case(host));
             own || route.allows_origin(origin)

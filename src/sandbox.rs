@@ -57,6 +57,8 @@ pub struct Route {
     /// Origins allowed to use a cookie session cross-origin, and to pass CORS preflights.
     pub cors_origins: Vec<String>,
     pub rewrite_host: bool,
+    /// When an `upstream` sandbox times out (process sandboxes are ended by their driver).
+    pub upstream_deadline: Option<i64>,
 }
 
 impl Route {
@@ -93,6 +95,7 @@ impl Route {
             ports,
             cors_origins: record.cors_origins.clone(),
             rewrite_host: record.rewrite_host,
+            upstream_deadline: record.expires_at.filter(|_| record.command.is_none()),
         })
     }
 
@@ -134,6 +137,15 @@ impl Routes {
                 self.map.remove(&record.id);
             }
         }
+    }
+
+    /// Ids of live `upstream` sandboxes whose deadline has passed.
+    pub fn overdue(&self, now: i64) -> Vec<String> {
+        self.map
+            .iter()
+            .filter(|r| r.live && r.upstream_deadline.is_some_and(|t| t <= now))
+            .map(|r| r.key().clone())
+            .collect()
     }
 
     pub fn remove(&self, id: &str) {

@@ -259,6 +259,7 @@ fn spawn_maintenance(gw: Arc<Gateway>, stop: CancellationToken) -> tokio::task::
     tokio::spawn(async move {
         let mut keys = tokio::time::interval(Duration::from_secs(2));
         let mut prune = tokio::time::interval(Duration::from_secs(60));
+        let mut expire = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -267,7 +268,13 @@ fn spawn_maintenance(gw: Arc<Gateway>, stop: CancellationToken) -> tokio::task::
                         tracing::error!(error = %err, "could not reload signing keys");
                     }
                 }
+                _ = expire.tick() => {
+                    if let Err(err) = gw.expire_sandboxes(unix_now()).await {
+                        tracing::warn!(error = %err, "could not end expired sandboxes");
+                    }
+                }
                 _ = prune.tick() => {
+                    gw.api_limits.shrink();
                     let now = unix_now();
                     gw.tokens.prune(now);
                     if let Err(err) = gw.store.prune(now).await {

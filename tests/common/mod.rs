@@ -1,6 +1,6 @@
 //! Test support: a real gateway on 127.0.0.1:0 with real TLS (trusting its own dev CA), a
 //! recording echo upstream (HTTP, WebSocket, SSE), and clients for HTTP/1.1 and HTTP/2.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
