@@ -214,27 +214,52 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// serde_json's message without any quoted input value.
+/// serde_json's message without any input the caller sent: string values (quoted `"..."` in
+/// Debug form, so a value may hold an escaped `\"`) and unknown field or variant names (quoted
+/// in backticks, and free to hold backticks themselves).
 fn redact_json_error(e: &serde_json::Error) -> String {
     let text = e.to_string();
+    let text = redact_unknown_name(&text);
     let mut out = String::with_capacity(text.len());
-    let mut in_quote = false;
-    for c in text.chars() {
-        if c == '"' {
-            if !in_quote {
-                out.push_str("\"…");
-            }
-            in_quote = !in_quote;
-            if !in_quote {
-                out.push('"');
-            }
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            out.push(c);
             continue;
         }
-        if !in_quote {
-            out.push(c);
+        // Skip to the closing quote, stepping over escapes.
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => break,
+                _ => {}
+            }
         }
+        out.push_str("\"…\"");
     }
     format!("invalid request body: {out}")
+}
+
+/// `unknown field `<name>`, expected one of `a`, `b`` without `<name>`: the expected names
+/// are our own and stay, as they tell the caller what to send.
+fn redact_unknown_name(text: &str) -> std::borrow::Cow<'_, str> {
+    for prefix in ["unknown field `", "unknown variant `"] {
+        let Some(at) = text.find(prefix) else {
+            continue;
+        };
+        let from = at + prefix.len();
+        let rest = &text[from..];
+        // The name ends at the last of serde's follow-ups (a name may itself hold a backtick).
+        let end = ["`, expected", "`, there are no"]
+            .iter()
+            .filter_map(|m| rest.rfind(m))
+            .max()
+            .unwrap_or(rest.len());
+        return format!("{}…{}", &text[..from], &rest[end..]).into();
+    }
+    text.into()
 }
 
 fn created<T: Serialize>(value: T) -> Response {
@@ -1075,6 +1100,15 @@ mod tests {
         let msg = redact_json_error(&e);
         assert!(!msg.contains("supersecret"), "{msg}");
         assert!(msg.contains("invalid type"), "{msg}");
+        // An escaped quote inside the value does not end the redaction early.
+        let e = serde_json::from_str::<CreateToken>(r#"{"port": "a\"sgk_supersecret"}"#).unwrap_err();
+        let msg = redact_json_error(&e);
+        assert!(!msg.contains("supersecret"), "{msg}");
+        // Nor is a value pasted as a field name echoed; the expected names still are.
+        let e = serde_json::from_str::<CreateToken>(r#"{"sgk_`supersecret": 1}"#).unwrap_err();
+        let msg = redact_json_error(&e);
+        assert!(!msg.contains("supersecret"), "{msg}");
+        assert!(msg.contains("unknown field") && msg.contains("`ttl_secs`"), "{msg}");
     }
 
     #[test]

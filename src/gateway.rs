@@ -141,9 +141,11 @@ impl Gateway {
     /// when the set changed.
     pub async fn reload_keys(&self) -> Result<bool, OpenError> {
         let keys = stored_keys(self.store.as_ref()).await?;
+        // The same order the key set signs by (newest `created_at`, ties by kid), so a tie does
+        // not make every tick look like a change (which would also clear the token cache).
         let newest = keys
             .iter()
-            .max_by_key(|k| k.created_at())
+            .max_by(|a, b| (a.created_at(), a.kid()).cmp(&(b.created_at(), b.kid())))
             .map(|k| k.kid().to_string());
         if newest.as_deref() == Some(self.tokens.signing_kid().as_str())
             && keys.len() == self.tokens.key_count()
@@ -236,6 +238,22 @@ async fn load_or_create_keys(store: &dyn Store) -> Result<Vec<SigningKey>, OpenE
 /// Creates a signing key and stores it; running gateways pick it up within seconds.
 pub async fn add_signing_key(store: &dyn Store) -> Result<SigningKey, OpenError> {
     let key = SigningKey::generate()?;
+    // The newest `created_at` signs, in whole seconds. A key made in the same second as the
+    // current one (a rotation right after first start, or two in a row) would tie and sign only
+    // if its random kid sorted higher; dating it one second after the newest makes a rotation
+    // always take effect.
+    let newest = store
+        .signing_keys()
+        .await?
+        .iter()
+        .map(|k| k.created_at)
+        .max();
+    let key = match newest {
+        Some(newest) if newest >= key.created_at() => {
+            SigningKey::from_parts(key.kid().to_string(), newest + 1, key.pkcs8_der().to_vec())?
+        }
+        _ => key,
+    };
     store
         .insert_signing_key(&StoredSigningKey {
             kid: key.kid().to_string(),

@@ -123,6 +123,11 @@ impl Proxy {
         mut req: Request<Incoming>,
         ctx: &Arc<ConnContext>,
     ) -> (RouteKind, Response<Body>) {
+        if req.method() == Method::CONNECT {
+            // No tunnels to arbitrary targets, and no extended CONNECT for now.
+            let e = HttpError::bad_request("CONNECT is not supported by this gateway");
+            return (RouteKind::Other, e.to_response(req.headers()));
+        }
         let (host_value, host) = match request_host(&req) {
             Ok(h) => h,
             Err(e) => return (RouteKind::Other, e.to_response(req.headers())),
@@ -261,6 +266,14 @@ impl Proxy {
             ));
         }
         ctx.conn.admit(&claims.jti, id);
+        // A revocation between the checks above and the registration would miss this
+        // connection; checking again after registering closes that window.
+        if self.gw.tokens.is_revoked(&claims.jti) {
+            return Err(token::TokenError::Revoked.into());
+        }
+        if !self.gw.routes.get(id).is_some_and(|r| r.live) {
+            return Err(HttpError::sandbox_terminated());
+        }
         Ok(Admitted::Forward { claims, route })
     }
 
@@ -346,7 +359,11 @@ impl Proxy {
             let on_client_upgrade = extensions.remove::<hyper::upgrade::OnUpgrade>();
             let mut up = Request::new(Body::empty());
             *up.method_mut() = method;
-            *up.uri_mut() = upstream_uri;
+            // A dedicated connection writes the target as given: origin-form, as received.
+            let origin_form = upstream_uri
+                .path_and_query()
+                .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+            *up.uri_mut() = origin_form;
             *up.headers_mut() = hdrs;
             return match self
                 .upgrade(up, on_client_upgrade, target, ctx, offered_marker)

@@ -11,7 +11,6 @@ use std::time::Duration;
 use dashmap::DashMap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -71,23 +70,7 @@ pub async fn run(
         draining.clone(),
     ));
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // hyper's header timer also runs while a keep-alive connection waits for its next
-        // request, so the shorter of the two bounds both.
-        .header_read_timeout(cfg.header_read_timeout.min(cfg.idle_timeout))
-        .max_buf_size(cfg.max_header_bytes.max(8192) + 8192)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
-        .max_header_list_size(cfg.max_header_bytes as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let builder = Arc::new(builder);
+    let builder = Arc::new(Protocols::new(&cfg));
 
     let limits = Arc::new(Limits {
         total: Arc::new(Semaphore::new(cfg.max_connections)),
@@ -158,9 +141,9 @@ pub async fn run(
 async fn serve_connection(
     tcp: TcpStream,
     remote: SocketAddr,
-    _slot: Slot,
+    slot: Slot,
     acceptor: TlsAcceptor,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<Protocols>,
     proxy: Arc<Proxy>,
     gw: Arc<Gateway>,
     draining: CancellationToken,
@@ -180,37 +163,95 @@ async fn serve_connection(
         }
     };
     gw.metrics.connections_total.inc();
-    gw.metrics.open_connections.inc();
     let ctx = Arc::new(ConnContext {
         remote,
         conn: gw.tracker.connection(),
     });
+    // The slot and the gauge are released when the connection is, which for a WebSocket is
+    // when its tunnel ends, not when this task returns after the 101.
+    ctx.conn.hold(slot);
+    ctx.conn.hold(OpenConnection::new(Arc::clone(&gw.metrics)));
     let cancelled = ctx.conn.cancelled().clone();
     let service = {
         let ctx = Arc::clone(&ctx);
         service_fn(move |req| Arc::clone(&proxy).serve(req, Arc::clone(&ctx)))
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(err) = res {
-                tracing::debug!(%remote, error = %err, "connection ended with an error");
-            }
-        }
-        _ = cancelled.cancelled() => {
-            gw.metrics.revoked_connections.inc();
-            tracing::debug!(%remote, "connection closed: its token or sandbox was revoked");
-        }
-        _ = draining.cancelled() => {
-            conn.as_mut().graceful_shutdown();
+    // The protocol is the one ALPN settled; a client that offered none speaks HTTP/1.1.
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = TokioIo::new(tls);
+    // Both connection types have the same shape but no common trait: one body, twice.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
             tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = cancelled.cancelled() => {}
+                res = conn.as_mut() => {
+                    if let Err(err) = res {
+                        tracing::debug!(%remote, error = %err, "connection ended with an error");
+                    }
+                }
+                _ = cancelled.cancelled() => {
+                    gw.metrics.revoked_connections.inc();
+                    tracing::debug!(%remote, "connection closed: its token or sandbox was revoked");
+                }
+                _ = draining.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = cancelled.cancelled() => {}
+                    }
+                }
             }
-        }
+        }};
     }
-    gw.metrics.open_connections.dec();
+    if h2 {
+        drive!(builder.h2.serve_connection(io, service))
+    } else {
+        drive!(builder.h1.serve_connection(io, service).with_upgrades())
+    }
+}
+
+/// The HTTP/1.1 and HTTP/2 server settings, built once.
+struct Protocols {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(cfg: &crate::config::GatewayConfig) -> Protocols {
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            // hyper's header timer also runs while a keep-alive connection waits for its next
+            // request, so the shorter of the two bounds both.
+            .header_read_timeout(cfg.header_read_timeout.min(cfg.idle_timeout))
+            // The request head (line and headers) may not exceed this: 431 beyond it.
+            .max_header_size(cfg.max_header_bytes)
+            .max_buf_size(cfg.max_header_bytes.max(8192) + 8192)
+            .keep_alive(true);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Protocols { h1, h2 }
+    }
+}
+
+/// A place in the open-connections gauge, given back on drop.
+struct OpenConnection(Arc<crate::telemetry::Metrics>);
+
+impl OpenConnection {
+    fn new(metrics: Arc<crate::telemetry::Metrics>) -> OpenConnection {
+        metrics.open_connections.inc();
+        OpenConnection(metrics)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.dec();
+    }
 }
 
 /// Connection limits: a global cap and a per-client-IP cap.

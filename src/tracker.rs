@@ -34,6 +34,7 @@ impl Tracker {
             cancel: CancellationToken::new(),
             tracker: Arc::clone(self),
             registered: Mutex::new(Vec::new()),
+            held: Mutex::new(Held(Vec::new())),
         }
     }
 
@@ -94,12 +95,37 @@ pub struct Connection {
     tracker: Arc<Tracker>,
     /// (jti, sandbox) pairs this connection registered under; usually one.
     registered: Mutex<Vec<(Box<str>, Box<str>)>>,
+    /// What lives exactly as long as the client connection (its connection-limit slot, its
+    /// place in the open-connections gauge). Kept here rather than in the task that served
+    /// HTTP because a WebSocket outlives that task: the tunnel holds this connection until
+    /// it ends.
+    held: Mutex<Held>,
+}
+
+/// Opaque resources released when the connection is dropped.
+struct Held(Vec<Box<dyn Send>>);
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("count", &self.0.len())
+            .finish()
+    }
 }
 
 impl Connection {
     /// Cancelled when a token or sandbox this connection used is revoked.
     pub fn cancelled(&self) -> &CancellationToken {
         &self.cancel
+    }
+
+    /// Keeps `resource` until the connection ends, including any tunnel it was upgraded to.
+    pub fn hold(&self, resource: impl Send + 'static) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .push(Box::new(resource));
     }
 
     /// Records that a request on this connection was admitted with token `jti` into `sandbox`.
@@ -146,6 +172,17 @@ mod tests {
         assert!(!b.cancelled().is_cancelled());
         assert_eq!(t.close_sandbox("s1"), 2);
         assert!(b.cancelled().is_cancelled());
+    }
+
+    #[test]
+    fn held_resources_live_as_long_as_the_connection() {
+        let t = Arc::new(Tracker::new());
+        let a = t.connection();
+        let resource = Arc::new(());
+        a.hold(Arc::clone(&resource));
+        assert_eq!(Arc::strong_count(&resource), 2);
+        drop(a);
+        assert_eq!(Arc::strong_count(&resource), 1);
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub struct Driver {
     routes: Arc<Routes>,
     tracker: Arc<Tracker>,
     running: DashMap<String, Running>,
+    /// Process groups of `exec` commands in flight, per sandbox: they run in groups of their
+    /// own (so a timeout kills exactly them), and end with the sandbox.
+    execs: DashMap<String, BTreeSet<i32>>,
     ports: Mutex<BTreeSet<u16>>,
 }
 
@@ -113,6 +116,7 @@ impl Driver {
             routes,
             tracker,
             running: DashMap::new(),
+            execs: DashMap::new(),
             ports: Mutex::new(BTreeSet::new()),
         }
     }
@@ -339,6 +343,12 @@ impl Driver {
         self.tracker.close_sandbox(&id);
         self.release(&host_ports);
         self.running.remove(&id);
+        // `exec` commands still running die with the sandbox (their calls then return).
+        if let Some((_, groups)) = self.execs.remove(&id) {
+            for g in groups {
+                let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+            }
+        }
     }
 
     /// SIGTERM to the group, then SIGKILL after the grace period.
@@ -399,6 +409,9 @@ impl Driver {
         let started = std::time::Instant::now();
         let mut child = cmd.spawn().map_err(DriverError::Spawn)?;
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+        // Kills the group however this call ends, including when the caller goes away and
+        // this future is dropped mid-wait.
+        let _group = pgid.map(|pgid| ExecGroup::register(self, &record.id, pgid));
         let cap = self.cfg.exec_output_max_bytes;
         let out = child.stdout.take().map(|s| tokio::spawn(capture(s, cap)));
         let err = child.stderr.take().map(|s| tokio::spawn(capture(s, cap)));
@@ -474,7 +487,8 @@ impl Driver {
             }
         }
         cmd.envs(env);
-        if let Some((_, first)) = record.host_ports.iter().next() {
+        // The first port as listed, not the lowest (`host_ports` is ordered by port number).
+        if let Some(first) = record.ports.first().and_then(|p| record.host_ports.get(p)) {
             cmd.env("PORT", first.to_string());
         }
         for (published, host) in &record.host_ports {
@@ -515,6 +529,42 @@ impl Driver {
         for p in ports {
             taken.remove(p);
         }
+    }
+}
+
+/// An `exec` command's process group, registered with its sandbox while it runs; killed when
+/// dropped.
+struct ExecGroup<'a> {
+    driver: &'a Driver,
+    id: String,
+    pgid: i32,
+}
+
+impl<'a> ExecGroup<'a> {
+    fn register(driver: &'a Driver, id: &str, pgid: i32) -> ExecGroup<'a> {
+        driver.execs.entry(id.to_string()).or_default().insert(pgid);
+        // The sandbox ended between the caller's status check and now: nothing will end this
+        // group with it, so end it here.
+        if !driver.is_running(id) {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        ExecGroup {
+            driver,
+            id: id.to_string(),
+            pgid,
+        }
+    }
+}
+
+impl Drop for ExecGroup<'_> {
+    fn drop(&mut self) {
+        let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGKILL);
+        if let Some(mut groups) = self.driver.execs.get_mut(&self.id) {
+            groups.remove(&self.pgid);
+        }
+        self.driver
+            .execs
+            .remove_if(&self.id, |_, groups| groups.is_empty());
     }
 }
 

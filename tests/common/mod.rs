@@ -570,7 +570,8 @@ pub async fn get_with_sni(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    send_with_sni(tls, sni, req.body(Full::new(Bytes::new())).unwrap()).await
+    let req = req.body(Full::new(Bytes::new())).expect("valid request");
+    send_with_sni(tls, sni, req).await
 }
 
 /// GET `path` over a fresh HTTP/2 connection to `host` (`:authority` = `host`).
@@ -589,7 +590,7 @@ pub async fn h2_get(
         req = req.header(*k, *v);
     }
     let resp = sender
-        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .send_request(req.body(Full::new(Bytes::new())).expect("valid request"))
         .await
         .expect("h2 request");
     let (parts, body) = resp.into_parts();
@@ -655,4 +656,151 @@ pub async fn browser_session(gw: &TestGateway, id: &str, port: u16) -> String {
         .await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER, "{:?}", resp.body());
     session_cookie(&resp)
+}
+
+// -------------------------------------------------------------------------------------------------
+// Helpers for the control-API, process-driver and CLI tests
+
+/// One control-API request with everything under the caller's control (no key, any content
+/// type, raw body) against any gateway address; returns the whole response.
+pub async fn api_raw(
+    tls: &TlsClient,
+    key: Option<&str>,
+    method: Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: impl Into<Bytes>,
+) -> Response<Bytes> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("https://{BASE}{path}"))
+        .header("host", BASE);
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    let req = req.body(Full::new(body.into())).expect("valid request");
+    tls.send(req).await.expect("api call")
+}
+
+/// A JSON control-API call as `key` through `tls` (for gateways not run by [`TestGateway`],
+/// such as the real binary); returns the status and the parsed body (`Null` when empty).
+pub async fn api_via(
+    tls: &TlsClient,
+    key: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let resp = match body {
+        Some(b) => {
+            api_raw(
+                tls,
+                Some(key),
+                method,
+                path,
+                Some("application/json"),
+                b.to_string(),
+            )
+            .await
+        }
+        None => api_raw(tls, Some(key), method, path, None, Bytes::new()).await,
+    };
+    let status = resp.status();
+    let value = if resp.body().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(resp.body())
+            .unwrap_or(Value::String(String::from_utf8_lossy(resp.body()).into()))
+    };
+    (status, value)
+}
+
+/// Creates a credential as the bootstrap admin; returns `(id, secret)`.
+pub async fn create_credential(gw: &TestGateway, body: Value) -> (String, String) {
+    let (status, v) = gw.api(Method::POST, "/v1/credentials", Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    (
+        v["id"].as_str().expect("credential id").to_string(),
+        v["secret"].as_str().expect("credential secret").to_string(),
+    )
+}
+
+/// Polls `GET /v1/sandboxes/{id}` (as admin) until its status is one of `want`; panics with the
+/// last object seen when `within` passes first.
+pub async fn wait_for_status(gw: &TestGateway, id: &str, want: &[&str], within: Duration) -> Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (status, v) = gw
+            .api(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        if want.iter().any(|w| v["status"] == *w) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sandbox {id} did not reach {want:?} within {within:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// True while process `pid` exists and is not a zombie.
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Pids of the live processes whose environment carries `SANDGATE_SANDBOX_ID=<id>`: every
+/// process a sandbox started (its children inherit the variable).
+pub fn sandbox_pids(id: &str) -> Vec<i32> {
+    let marker = format!("SANDGATE_SANDBOX_ID={id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|b| *b == 0)
+                    .any(|entry| entry == marker.as_bytes())
+            })
+        })
+        .filter(|pid| process_alive(*pid))
+        .collect()
+}
+
+/// Waits until no process of sandbox `id` (and not `pid`, if given) is alive; panics after
+/// `within`.
+pub async fn wait_processes_gone(id: &str, pid: Option<i32>, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = sandbox_pids(id);
+        let leader = pid.is_some_and(process_alive);
+        if left.is_empty() && !leader {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes of sandbox {id} still alive after {within:?}: {left:?} (leader {pid:?} alive: {leader})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released), for configs of the real binary.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
 }
