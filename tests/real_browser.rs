@@ -60,7 +60,9 @@ async fn start_app(name: &'static str) -> (SocketAddr, Log) {
     let seen = Arc::clone(&log);
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let seen = Arc::clone(&seen);
             tokio::spawn(async move {
                 let svc = service_fn(move |req| app(req, name, Arc::clone(&seen)));
@@ -99,12 +101,18 @@ async fn app(
         "/ws" => {
             let key = req.headers().get("sec-websocket-key").cloned();
             let Some(key) = key else {
-                return Ok(Response::builder().status(400).body(Full::default()).unwrap());
+                return Ok(Response::builder()
+                    .status(400)
+                    .body(Full::default())
+                    .unwrap());
             };
-            let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
             let on_upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
-                let Ok(upgraded) = on_upgrade.await else { return };
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
                 let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     tokio_tungstenite::tungstenite::protocol::Role::Server,
@@ -125,7 +133,10 @@ async fn app(
                 .body(Full::default())
                 .unwrap())
         }
-        _ => Ok(Response::builder().status(404).body(Full::default()).unwrap()),
+        _ => Ok(Response::builder()
+            .status(404)
+            .body(Full::default())
+            .unwrap()),
     }
 }
 
@@ -162,7 +173,10 @@ impl Browser {
             _profile: profile,
         };
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -194,7 +208,9 @@ impl Browser {
             .method(method)
             .uri(format!("{}{}", self.base, path))
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))
             .unwrap();
         let resp = self.http.request(req).await.expect("webdriver call");
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -246,7 +262,10 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("the page never reached a title in {want:?}: {}", self.source().await);
+        panic!(
+            "the page never reached a title in {want:?}: {}",
+            self.source().await
+        );
     }
 
     async fn screenshot(&self, name: &str) -> std::path::PathBuf {
@@ -297,22 +316,41 @@ async fn a_real_browser_uses_a_sandbox_through_the_gateway() {
     // Open the link: exchange, clean address bar, assets and a WebSocket over the cookie.
     let link_a = link(&gw.mint(&a, a_addr.port(), Value::Null).await, &gw);
     browser.open(&link_a).await;
-    assert_eq!(browser.wait_title(&["ready", "failed"]).await, "ready", "{}", browser.source().await);
+    assert_eq!(
+        browser.wait_title(&["ready", "failed"]).await,
+        "ready",
+        "{}",
+        browser.source().await
+    );
     let current = browser.url().await;
-    assert!(!current.contains("_sandgate_token"), "the token stayed in the address bar: {current}");
+    assert!(
+        !current.contains("_sandgate_token"),
+        "the token stayed in the address bar: {current}"
+    );
     assert!(current.starts_with(&format!("https://{}:", sandbox_host(a_addr.port(), &a))));
     assert!(browser.source().await.contains("ws ok: ping a"));
     let shot = browser.screenshot("sandbox-app.png").await;
     eprintln!("screenshot: {}", shot.display());
     let seen_a = a_log.lock().unwrap().len();
-    assert!(seen_a >= 4, "page, script, data and websocket reached the app: {seen_a}");
+    assert!(
+        seen_a >= 4,
+        "page, script, data and websocket reached the app: {seen_a}"
+    );
 
     // From a sibling sandbox's page, the first sandbox's session cannot be used.
     let link_b = link(&gw.mint(&b, b_addr.port(), Value::Null).await, &gw);
     browser.open(&link_b).await;
     assert_eq!(browser.wait_title(&["ready", "failed"]).await, "ready");
-    let origin_b = format!("https://{}:{}", sandbox_host(b_addr.port(), &b), gw.addr.port());
-    let a_base = format!("https://{}:{}", sandbox_host(a_addr.port(), &a), gw.addr.port());
+    let origin_b = format!(
+        "https://{}:{}",
+        sandbox_host(b_addr.port(), &b),
+        gw.addr.port()
+    );
+    let a_base = format!(
+        "https://{}:{}",
+        sandbox_host(a_addr.port(), &a),
+        gw.addr.port()
+    );
     let before = a_log.lock().unwrap().len();
     let verdict = browser
         .eval(&format!(
@@ -335,7 +373,10 @@ async fn a_real_browser_uses_a_sandbox_through_the_gateway() {
         .filter(|(_, o)| o.as_deref() == Some(origin_b.as_str()))
         .cloned()
         .collect();
-    assert!(from_b.is_empty(), "app a saw requests from b's origin: {from_b:?}");
+    assert!(
+        from_b.is_empty(),
+        "app a saw requests from b's origin: {from_b:?}"
+    );
 
     // An expired link shows a page that says so and what to do.
     let short = gw.mint(&a, a_addr.port(), json!({ "ttl_secs": 1 })).await;
