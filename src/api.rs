@@ -1101,14 +1101,18 @@ mod tests {
         assert!(!msg.contains("supersecret"), "{msg}");
         assert!(msg.contains("invalid type"), "{msg}");
         // An escaped quote inside the value does not end the redaction early.
-        let e = serde_json::from_str::<CreateToken>(r#"{"port": "a\"sgk_supersecret"}"#).unwrap_err();
+        let e =
+            serde_json::from_str::<CreateToken>(r#"{"port": "a\"sgk_supersecret"}"#).unwrap_err();
         let msg = redact_json_error(&e);
         assert!(!msg.contains("supersecret"), "{msg}");
         // Nor is a value pasted as a field name echoed; the expected names still are.
         let e = serde_json::from_str::<CreateToken>(r#"{"sgk_`supersecret": 1}"#).unwrap_err();
         let msg = redact_json_error(&e);
         assert!(!msg.contains("supersecret"), "{msg}");
-        assert!(msg.contains("unknown field") && msg.contains("`ttl_secs`"), "{msg}");
+        assert!(
+            msg.contains("unknown field") && msg.contains("`ttl_secs`"),
+            "{msg}"
+        );
     }
 
     #[test]

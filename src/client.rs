@@ -25,8 +25,9 @@ pub enum ClientError {
     /// The base URL is not an https URL.
     #[error("SANDGATE_URL `{0}` is not an https:// URL")]
     BadUrl(String),
-    /// TLS trust could not be set up.
-    #[error("{0}")]
+    /// TLS trust could not be set up. (Transparent: with `{0}` plus `#[from]`, the message
+    /// printed twice in `error: ...` chains.)
+    #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     /// The server could not be reached, or the TLS handshake failed.
     #[error("cannot reach sandgate at {url}: {detail}")]

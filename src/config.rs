@@ -85,7 +85,9 @@ struct RawGateway {
     shutdown_grace_secs: u64,
     max_connections: usize,
     max_connections_per_ip: usize,
+    max_connections_per_sandbox: usize,
     h2_max_concurrent_streams: u32,
+    websocket_idle_timeout_secs: u64,
 }
 
 impl Default for RawGateway {
@@ -105,7 +107,9 @@ impl Default for RawGateway {
             shutdown_grace_secs: 30,
             max_connections: 65_536,
             max_connections_per_ip: 4_096,
+            max_connections_per_sandbox: 4_096,
             h2_max_concurrent_streams: 256,
+            websocket_idle_timeout_secs: 600,
         }
     }
 }
@@ -279,7 +283,11 @@ pub struct GatewayConfig {
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Client connections admitted into one sandbox at once (a WebSocket counts while open).
+    pub max_connections_per_sandbox: usize,
     pub h2_max_concurrent_streams: u32,
+    /// A WebSocket (or any upgraded tunnel) with no traffic either way for this long closes.
+    pub websocket_idle_timeout: Duration,
 }
 
 /// The plain-HTTP loopback listener for metrics and health, and logging.
@@ -442,7 +450,12 @@ impl Config {
             shutdown_grace: Duration::from_secs(g.shutdown_grace_secs),
             max_connections: g.max_connections.max(1),
             max_connections_per_ip: g.max_connections_per_ip.max(1),
+            max_connections_per_sandbox: g.max_connections_per_sandbox.max(1),
             h2_max_concurrent_streams: g.h2_max_concurrent_streams.max(1),
+            websocket_idle_timeout: positive(
+                "gateway.websocket_idle_timeout_secs",
+                g.websocket_idle_timeout_secs,
+            )?,
         };
 
         let t = raw.telemetry;

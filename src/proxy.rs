@@ -265,7 +265,18 @@ impl Proxy {
                 "a request from another origin may not use this sandbox's browser session",
             ));
         }
-        ctx.conn.admit(&claims.jti, id);
+        if !ctx
+            .conn
+            .admit(&claims.jti, id, self.gw.config.gateway.max_connections_per_sandbox)
+        {
+            let mut e = HttpError::new(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                "this sandbox has as many open connections as the gateway allows; retry later",
+            );
+            e.retry_after = Some(1);
+            return Err(e);
+        }
         // A revocation between the checks above and the registration would miss this
         // connection; checking again after registering closes that window.
         if self.gw.tokens.is_revoked(&claims.jti) {
@@ -465,6 +476,7 @@ impl Proxy {
         let ctx = Arc::clone(ctx);
         let hard_stop = self.hard_stop.clone();
         let metrics = Arc::clone(&self.gw.metrics);
+        let idle = cfg.websocket_idle_timeout;
         tokio::spawn(async move {
             let (client, upstream) = match tokio::join!(on_client_upgrade, on_upstream_upgrade) {
                 (Ok(c), Ok(u)) => (c, u),
@@ -473,7 +485,7 @@ impl Proxy {
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
             tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                _ = tunnel(&mut client, &mut upstream, idle) => {}
                 _ = ctx.conn.cancelled().cancelled() => {
                     metrics.revoked_connections.inc();
                 }
@@ -514,6 +526,49 @@ impl Proxy {
         out.insert(header::VARY, HeaderValue::from_static("Origin"));
         out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
+    }
+}
+
+/// Copies both ways until both sides have closed, or until nothing has moved in either
+/// direction for `idle` (an abandoned WebSocket must not hold a connection forever).
+async fn tunnel<A, B>(a: &mut A, b: &mut B, idle: std::time::Duration)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let mut up = vec![0u8; 16 * 1024];
+    let mut down = vec![0u8; 16 * 1024];
+    let (mut a_open, mut b_open) = (true, true);
+    while a_open || b_open {
+        // Reads are cancel-safe, so losing a race to the other side or the timer loses nothing.
+        tokio::select! {
+            n = ar.read(&mut up), if a_open => match n {
+                Ok(0) | Err(_) => {
+                    a_open = false;
+                    let _ = bw.shutdown().await;
+                }
+                Ok(n) => {
+                    if bw.write_all(&up[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            n = br.read(&mut down), if b_open => match n {
+                Ok(0) | Err(_) => {
+                    b_open = false;
+                    let _ = aw.shutdown().await;
+                }
+                Ok(n) => {
+                    if aw.write_all(&down[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            _ = tokio::time::sleep(idle) => return,
+        }
     }
 }
 

@@ -129,18 +129,32 @@ impl Connection {
     }
 
     /// Records that a request on this connection was admitted with token `jti` into `sandbox`.
-    /// Cheap when the pair is already registered (the usual keep-alive case).
-    pub fn admit(&self, jti: &str, sandbox: &str) {
+    /// Cheap when the pair is already registered (the usual keep-alive case). Returns false,
+    /// registering nothing, when this connection would be one more than `max_per_sandbox`
+    /// connections into that sandbox.
+    pub fn admit(&self, jti: &str, sandbox: &str, max_per_sandbox: usize) -> bool {
         let mut registered = self.registered.lock().unwrap_or_else(|e| e.into_inner());
         if registered
             .iter()
             .any(|(j, s)| &**j == jti && &**s == sandbox)
         {
-            return;
+            return true;
+        }
+        let in_sandbox = registered.iter().any(|(_, s)| &**s == sandbox);
+        if !in_sandbox {
+            let open = self
+                .tracker
+                .by_sandbox
+                .get(sandbox)
+                .map_or(0, |entries| entries.len());
+            if open >= max_per_sandbox {
+                return false;
+            }
+            Tracker::add(&self.tracker.by_sandbox, sandbox, self.id, &self.cancel);
         }
         Tracker::add(&self.tracker.by_jti, jti, self.id, &self.cancel);
-        Tracker::add(&self.tracker.by_sandbox, sandbox, self.id, &self.cancel);
         registered.push((jti.into(), sandbox.into()));
+        true
     }
 }
 
@@ -150,6 +164,7 @@ impl Drop for Connection {
             std::mem::take(self.registered.get_mut().unwrap_or_else(|e| e.into_inner()));
         for (jti, sandbox) in registered {
             Tracker::forget(&self.tracker.by_jti, &jti, self.id);
+            // Idempotent: a connection is in a sandbox's list once, however many tokens.
             Tracker::forget(&self.tracker.by_sandbox, &sandbox, self.id);
         }
     }
@@ -164,9 +179,9 @@ mod tests {
         let t = Arc::new(Tracker::new());
         let a = t.connection();
         let b = t.connection();
-        a.admit("j1", "s1");
-        a.admit("j1", "s1");
-        b.admit("j2", "s1");
+        assert!(a.admit("j1", "s1", 10));
+        assert!(a.admit("j1", "s1", 10));
+        assert!(b.admit("j2", "s1", 10));
         assert_eq!(t.close_token("j1"), 1);
         assert!(a.cancelled().is_cancelled());
         assert!(!b.cancelled().is_cancelled());
@@ -186,10 +201,23 @@ mod tests {
     }
 
     #[test]
+    fn connections_per_sandbox_are_capped() {
+        let t = Arc::new(Tracker::new());
+        let a = t.connection();
+        let b = t.connection();
+        assert!(a.admit("j1", "s1", 1));
+        assert!(a.admit("j2", "s1", 1), "the same connection with another token");
+        assert!(!b.admit("j3", "s1", 1), "a second connection into a full sandbox");
+        assert!(b.admit("j3", "s2", 1));
+        drop(a);
+        assert!(b.admit("j3", "s1", 1), "room again once the first one closed");
+    }
+
+    #[test]
     fn dropped_connections_unregister() {
         let t = Arc::new(Tracker::new());
         let a = t.connection();
-        a.admit("j1", "s1");
+        assert!(a.admit("j1", "s1", 10));
         assert_eq!(t.tracked_tokens(), 1);
         drop(a);
         assert_eq!(t.tracked_tokens(), 0);
