@@ -602,16 +602,33 @@ async fn all_accept(ports: &[u16]) -> bool {
     true
 }
 
-/// True when process group `pgid` is alive and its leader is the given sandbox's process
-/// (checked through its environment), so a recycled pid is never killed by mistake.
+/// True when process group `pgid` still has a member that belongs to the given sandbox
+/// (checked through its environment), so a recycled pid is never killed by mistake. Any member
+/// counts, not only the leader: after a crash the leader may be gone (a shell dies of SIGPIPE
+/// on its next write once nobody reads its output) while its children live on in the group.
 fn group_belongs_to(pgid: i32, id: &str) -> bool {
-    let Ok(environ) = std::fs::read(format!("/proc/{pgid}/environ")) else {
+    let marker = format!("SANDGATE_SANDBOX_ID={id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
         return false;
     };
-    let marker = format!("SANDGATE_SANDBOX_ID={id}");
-    environ
-        .split(|b| *b == 0)
-        .any(|entry| entry == marker.as_bytes())
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| process_group(*pid) == Some(pgid))
+        .any(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                environ
+                    .split(|b| *b == 0)
+                    .any(|entry| entry == marker.as_bytes())
+            })
+        })
+}
+
+/// The process group of `pid`, from `/proc/<pid>/stat` (the fields after the parenthesised
+/// command name, which may hold spaces: state, ppid, pgrp).
+fn process_group(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// The last `max` bytes of a file, as text.
