@@ -188,6 +188,7 @@ impl Default for RawTokens {
 #[serde(deny_unknown_fields, default)]
 struct RawOrchestrator {
     enabled: bool,
+    run_as: String,
     port_range: String,
     grace_secs: u64,
     log_max_bytes: u64,
@@ -204,6 +205,7 @@ impl Default for RawOrchestrator {
     fn default() -> Self {
         RawOrchestrator {
             enabled: true,
+            run_as: "auto".into(),
             port_range: "20000-29999".into(),
             grace_secs: 5,
             log_max_bytes: 8 * 1024 * 1024,
@@ -248,6 +250,9 @@ pub struct ApiConfig {
 pub struct OrchestratorConfig {
     /// False makes a gateway-only node: `command` sandboxes are refused.
     pub enabled: bool,
+    /// The account sandbox processes run as: `auto` (`nobody` when the gateway is root, else
+    /// the gateway's own user), `gateway`, or a user name.
+    pub run_as: String,
     /// Host ports handed to sandboxes, inclusive.
     pub port_range: (u16, u16),
     /// Between SIGTERM and SIGKILL when a sandbox is terminated.
@@ -561,8 +566,15 @@ impl Config {
             ));
         }
         let nonzero = |v: u64| (v != 0).then_some(v);
+        if o.run_as.is_empty() || o.run_as.contains(['/', '\0', ':']) {
+            return Err(invalid(
+                "orchestrator.run_as",
+                "must be \"auto\", \"gateway\" or a user name".into(),
+            ));
+        }
         let orchestrator = OrchestratorConfig {
             enabled: o.enabled,
+            run_as: o.run_as,
             port_range,
             grace: Duration::from_secs(o.grace_secs),
             log_max_bytes: o.log_max_bytes.max(1024),

@@ -35,6 +35,9 @@ pub enum OpenError {
     /// A stored signing key is unusable.
     #[error("signing keys: {0}")]
     Keys(#[from] TokenError),
+    /// The orchestrator's settings cannot be used on this host.
+    #[error("orchestrator: {0}")]
+    Orchestrator(String),
     /// The bootstrap admin key could not be written.
     #[error("cannot write the bootstrap admin key to {path}: {source}")]
     AdminKey {
@@ -100,12 +103,19 @@ impl Gateway {
         }
         let tracker = Arc::new(Tracker::new());
         let driver = if config.orchestrator.enabled {
+            let identity = crate::sandbox::process::Identity::resolve(&config.orchestrator.run_as)
+                .map_err(OpenError::Orchestrator)?;
+            match &identity {
+                Some(who) => tracing::info!(user = %who.name, "sandbox processes run as an unprivileged user"),
+                None => tracing::warn!("sandbox processes run as the gateway's own user and can read its data dir (keys, database); run sandgate as root with [orchestrator] run_as = \"auto\" to isolate them"),
+            }
             let driver = Arc::new(Driver::new(
                 config.orchestrator.clone(),
                 &config.store.data_dir,
                 Arc::clone(&store),
                 Arc::clone(&routes),
                 Arc::clone(&tracker),
+                identity,
             ));
             let ended = driver.reconcile().await?;
             if ended > 0 {
@@ -311,7 +321,9 @@ fn create_private_dir(path: &Path) -> Result<(), OpenError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        // Others may traverse (sandbox users reach their own directories below it) but not
+        // list; every secret inside is a 0600 file or sits in a 0700 folder.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711)).map_err(err)?;
     }
     Ok(())
 }

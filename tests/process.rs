@@ -893,3 +893,61 @@ async fn after_a_kill_9_a_restart_keeps_the_state_and_ends_the_orphans() {
     assert_eq!(resp.status(), StatusCode::GONE);
     drop(server);
 }
+
+#[tokio::test]
+async fn sandboxes_cannot_read_the_gateways_secrets() {
+    let gw = TestGateway::start_with(&ports("31450-31469")).await;
+    let mut reaper = Reaper(Vec::new());
+    let id = sleeper(&gw, &mut reaper, json!({})).await;
+    let data = gw.gw.config.store.data_dir.clone();
+    let whoami = exec(&gw, &id, json!({"command": ["id", "-u"]})).await;
+    if nix::unistd::geteuid().is_root() {
+        // As root, the default `run_as = "auto"` runs sandboxes as `nobody`.
+        assert_ne!(whoami["stdout"].as_str().unwrap().trim(), "0", "{whoami}");
+        for secret in [
+            "admin.key",
+            "sandgate.db",
+            "certs/server-key.pem",
+            "certs/ca-key.pem",
+        ] {
+            let path = data.join(secret);
+            let out = exec(
+                &gw,
+                &id,
+                json!({"command": ["cat", path.to_str().unwrap()]}),
+            )
+            .await;
+            assert_ne!(out["exit_code"], 0, "{secret} was readable: {out}");
+            assert!(
+                out["stdout"].as_str().unwrap().is_empty(),
+                "{secret} leaked: {out}"
+            );
+        }
+        let listing = exec(&gw, &id, json!({"command": ["ls", data.to_str().unwrap()]})).await;
+        assert_ne!(
+            listing["exit_code"], 0,
+            "the data dir was listable: {listing}"
+        );
+        let logs = exec(
+            &gw,
+            &id,
+            json!({"command": ["ls", data.join("logs").to_str().unwrap()]}),
+        )
+        .await;
+        assert_ne!(logs["exit_code"], 0, "the log folder was listable: {logs}");
+        // Its own directory is its own.
+        let write = exec(
+            &gw,
+            &id,
+            json!({"command": ["sh", "-c", "echo hi > mine && cat mine"]}),
+        )
+        .await;
+        assert_eq!(write["stdout"], "hi\n", "{write}");
+    } else {
+        eprintln!("not root: sandboxes run as the gateway's user; isolation not testable here");
+    }
+    let (status, _) = gw
+        .api(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}

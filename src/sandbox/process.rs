@@ -91,6 +91,49 @@ pub struct Driver {
     /// own (so a timeout kills exactly them), and end with the sandbox.
     execs: DashMap<String, BTreeSet<i32>>,
     ports: Mutex<BTreeSet<u16>>,
+    /// The unprivileged user sandboxes run as; `None`: the gateway's own user.
+    identity: Option<Identity>,
+}
+
+/// An unprivileged account for sandbox processes. Running them as the gateway's user would let
+/// any `sandboxes:write` credential read the admin key, the signing keys and the TLS keys.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Identity {
+    /// Resolves `[orchestrator] run_as`: `"auto"` is `nobody` when the gateway runs as root and
+    /// the gateway's own user otherwise; `"gateway"` is always the gateway's own user.
+    pub fn resolve(run_as: &str) -> Result<Option<Identity>, String> {
+        let root = nix::unistd::geteuid().is_root();
+        let name = match run_as {
+            "gateway" => return Ok(None),
+            "auto" if !root => return Ok(None),
+            "auto" => "nobody",
+            name => name,
+        };
+        if !root {
+            return Err(format!(
+                "[orchestrator] run_as = \"{name}\" needs the gateway to run as root (or set run_as = \"gateway\")"
+            ));
+        }
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| format!("cannot look up user `{name}`: {e}"))?
+            .ok_or_else(|| {
+                format!("[orchestrator] run_as names user `{name}`, which does not exist")
+            })?;
+        if user.uid.is_root() {
+            return Err("[orchestrator] run_as may not be root".into());
+        }
+        Ok(Some(Identity {
+            name: name.to_string(),
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        }))
+    }
 }
 
 impl std::fmt::Debug for Driver {
@@ -108,8 +151,10 @@ impl Driver {
         store: Arc<dyn Store>,
         routes: Arc<Routes>,
         tracker: Arc<Tracker>,
+        identity: Option<Identity>,
     ) -> Driver {
         Driver {
+            identity,
             cfg,
             data_dir: data_dir.to_path_buf(),
             store,
@@ -137,9 +182,29 @@ impl Driver {
         self.data_dir.join("sandboxes").join(id)
     }
 
-    /// Its captured output.
+    /// Its captured output: outside the sandbox's own directory, so the sandbox cannot swap
+    /// the file for a link to something the gateway (reading it for `logs`) may read.
     pub fn log_path(&self, id: &str) -> PathBuf {
-        self.sandbox_dir(id).join("output.log")
+        self.data_dir.join("logs").join(format!("{id}.log"))
+    }
+
+    /// Creates the sandbox's working directory, owned by the sandbox user, and the log folder.
+    fn prepare(&self, id: &str) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let logs = self.data_dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o700))?;
+        // Others may pass through `sandboxes/` to their own directory, not list it.
+        let parent = self.data_dir.join("sandboxes");
+        std::fs::create_dir_all(&parent)?;
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o711))?;
+        let dir = self.sandbox_dir(id);
+        std::fs::create_dir_all(&dir)?;
+        if let Some(who) = &self.identity {
+            std::os::unix::fs::chown(&dir, Some(who.uid), Some(who.gid))?;
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        Ok(dir)
     }
 
     pub fn is_running(&self, id: &str) -> bool {
@@ -186,7 +251,7 @@ impl Driver {
             .zip(host_ports.iter().copied())
             .collect();
         let dir = self.sandbox_dir(&record.id);
-        let prepared = prepare_dir(&dir);
+        let prepared = self.prepare(&record.id);
         if let Err(e) = prepared {
             self.release(&host_ports);
             return Err(DriverError::Dir(e));
@@ -401,7 +466,7 @@ impl Driver {
         req: ExecRequest,
     ) -> Result<ExecOutput, DriverError> {
         let dir = self.sandbox_dir(&record.id);
-        prepare_dir(&dir).map_err(DriverError::Dir)?;
+        self.prepare(&record.id).map_err(DriverError::Dir)?;
         let mut env = record.env.clone();
         env.extend(req.env.clone());
         let mut cmd = self.command(record, &req.command, &dir, &env);
@@ -485,6 +550,13 @@ impl Driver {
             if key.to_string_lossy().starts_with("SANDGATE_") {
                 cmd.env_remove(&key);
             }
+        }
+        if let Some(who) = &self.identity {
+            // HOME and the login names follow the account; the gateway's HOME is not its to read.
+            cmd.uid(who.uid).gid(who.gid);
+            cmd.env("HOME", dir)
+                .env("USER", &who.name)
+                .env("LOGNAME", &who.name);
         }
         cmd.envs(env);
         // The first port as listed, not the lowest (`host_ports` is ordered by port number).
@@ -582,12 +654,6 @@ fn describe(s: &std::process::ExitStatus) -> String {
         (None, Some(sig)) => format!("killed by signal {sig}"),
         _ => "unknown status".into(),
     }
-}
-
-fn prepare_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// True when every port accepts a TCP connection on loopback.
