@@ -8,7 +8,9 @@
 # sandgate runs from target/release on a fresh data dir, with the bench's certificate, and
 # routes one sandbox to the bench backend. Its token is minted through its own API, and sent
 # as `Authorization: Bearer`, the same way the peers receive theirs; the route is named by the
-# X-Sandgate-Sandbox / X-Sandgate-Port headers on the base domain.
+# X-Sandgate-Sandbox / X-Sandgate-Port headers on the base domain. The base domain is the
+# bench's own address (127.0.0.1), because the load tools cannot resolve *.localhost names
+# and an HTTP/2 `host` header that disagrees with `:authority` is refused, as it must be.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -18,14 +20,14 @@ peers=${1:-${PEERS_SH:-$repo/../shared/bench/peers.sh}}
 (cd "$repo" && cargo build --release --locked)
 
 state=$(mktemp -d)
-export SANDGATE_BIN="$repo/target/release/sandgate"
+export SANDGATE_BIN="${CARGO_TARGET_DIR:-$repo/target}/release/sandgate"
 export SANDGATE_BENCH_STATE="$state"
 
 # The gateway: a config written at start, pointing at the bench's certificate.
 export OURS_CMD='bash -c '"'"'cat >"$SANDGATE_BENCH_STATE/sandgate.toml" <<CONF
 [gateway]
 listen = "$OURS_LISTEN"
-base_domain = "sandbox.localhost"
+base_domain = "127.0.0.1"
 [telemetry]
 listen = "127.0.0.1:0"
 log_level = "warn"
@@ -41,12 +43,12 @@ exec "$SANDGATE_BIN" serve --config "$SANDGATE_BENCH_STATE/sandgate.toml"'"'"
 # Once it is up: register the backend as a sandbox, mint a 1-hour token, name the route.
 export OURS_TOKEN_CMD='
   key=$(cat "$SANDGATE_BENCH_STATE/data/admin.key")
-  api() { curl -sk --fail-with-body -H "Host: sandbox.localhost" -H "Authorization: Bearer $key" \
+  api() { curl -sk --fail-with-body -H "Authorization: Bearer $key" \
             -H "Content-Type: application/json" "$@"; }
   port=${BENCH_BACKEND_ADDR##*:}
   id=$(api -d "{\"upstream\":\"127.0.0.1\",\"ports\":[$port]}" "https://$OURS_LISTEN/v1/sandboxes" \
        | python3 -c "import json,sys; print(json.load(sys.stdin)[\"id\"])")
-  printf "Host: sandbox.localhost\nX-Sandgate-Sandbox: %s\nX-Sandgate-Port: %s\n" "$id" "$port" \
+  printf "X-Sandgate-Sandbox: %s\nX-Sandgate-Port: %s\n" "$id" "$port" \
        >"$SANDGATE_BENCH_STATE/headers"
   api -d "{\"port\":$port,\"ttl_secs\":3600}" "https://$OURS_LISTEN/v1/sandboxes/$id/connect-tokens" \
        | python3 -c "import json,sys; print(json.load(sys.stdin)[\"token\"])"'

@@ -128,9 +128,18 @@ impl Proxy {
             let e = HttpError::bad_request("CONNECT is not supported by this gateway");
             return (RouteKind::Other, e.to_response(req.headers()));
         }
+        // A request whose framing or host is in doubt ends its HTTP/1 connection too: the
+        // bytes after it cannot be trusted to start the next request.
+        if let Err(e) = check_transfer_encoding(req.headers()) {
+            let r = closing(e.to_response(req.headers()), req.version());
+            return (RouteKind::Other, r);
+        }
         let (host_value, host) = match request_host(&req) {
             Ok(h) => h,
-            Err(e) => return (RouteKind::Other, e.to_response(req.headers())),
+            Err(e) => {
+                let r = closing(e.to_response(req.headers()), req.version());
+                return (RouteKind::Other, r);
+            }
         };
         match self.classify(&host) {
             Target::Base => {
@@ -265,10 +274,11 @@ impl Proxy {
                 "a request from another origin may not use this sandbox's browser session",
             ));
         }
-        if !ctx
-            .conn
-            .admit(&claims.jti, id, self.gw.config.gateway.max_connections_per_sandbox)
-        {
+        if !ctx.conn.admit(
+            &claims.jti,
+            id,
+            self.gw.config.gateway.max_connections_per_sandbox,
+        ) {
             let mut e = HttpError::new(
                 http::StatusCode::SERVICE_UNAVAILABLE,
                 "too_many_connections",
@@ -403,6 +413,11 @@ impl Proxy {
             Err(_) => return fail(HttpError::upstream_timeout()),
             Ok(Err(err)) => {
                 tracing::debug!(error = %err, sandbox = %route.id, "upstream request failed");
+                // The client's body failed while it was being forwarded: the client's fault,
+                // not the sandbox's. What is left of that body is unread, so HTTP/1 closes.
+                if let Some(e) = client_body_error(&err) {
+                    return closing(fail(e), version);
+                }
                 return fail(HttpError::upstream_unreachable());
             }
             Ok(Ok(r)) => r,
@@ -584,6 +599,65 @@ enum Admitted {
         claims: Arc<Claims>,
         cookie_token: String,
     },
+}
+
+/// The answer for an upstream request that failed because the client's body did (too large,
+/// stalled, broken), found in the error's source chain; `None` when the upstream failed.
+fn client_body_error(err: &(dyn std::error::Error + 'static)) -> Option<HttpError> {
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        if let Some(body) = e.downcast_ref::<body::BodyError>() {
+            return Some(match body {
+                body::BodyError::TooLarge => HttpError::body_too_large(),
+                body::BodyError::Stalled => HttpError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the request body stopped arriving before it was complete",
+                ),
+                body::BodyError::Client(_) => {
+                    HttpError::bad_request("the request body was malformed or cut off")
+                }
+            });
+        }
+        cause = e.source();
+    }
+    None
+}
+
+/// Transfer-Encoding, when present, must be exactly `chunked`. hyper accepts any list that
+/// ends in `chunked` (`gzip, chunked`, `chunked, chunked`) and decodes only the chunking, so the
+/// upstream would get a body still in a coding nobody told it about; other gateways and servers
+/// read such lists differently, which is what request smuggling feeds on.
+fn check_transfer_encoding(hdrs: &HeaderMap) -> Result<(), HttpError> {
+    let mut codings = 0;
+    for value in hdrs.get_all(header::TRANSFER_ENCODING) {
+        let value = value
+            .to_str()
+            .map_err(|_| HttpError::bad_request("invalid Transfer-Encoding"))?;
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            codings += 1;
+            if codings > 1 || !coding.eq_ignore_ascii_case("chunked") {
+                return Err(HttpError::bad_request(
+                    "Transfer-Encoding other than a single `chunked` is not accepted",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Marks an HTTP/1 response as the last on its connection (hyper closes it once sent).
+/// HTTP/2 has no such header; a stream's answer never affects its neighbours there.
+fn closing(mut response: Response<Body>, version: Version) -> Response<Body> {
+    if matches!(
+        version,
+        Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
+    ) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// The request's host: its value as received and its canonical form (lowercase, no port, no

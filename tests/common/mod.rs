@@ -804,3 +804,413 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
         .port()
 }
+
+// -------------------------------------------------------------------------------------------------
+// Helpers for the attack and limit tests
+
+impl TestGateway {
+    /// Starts with a whole `[gateway]` table of its own: `base_domain` is [`BASE`], followed by
+    /// the `gateway_toml` lines (e.g. `max_body_bytes = 1024`); `extra_toml` is appended after
+    /// the `[store]` table as with [`TestGateway::start_with`].
+    pub async fn start_with_gateway(gateway_toml: &str, extra_toml: &str) -> TestGateway {
+        sandgate::telemetry::init_tracing("warn", false);
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let toml = format!(
+            "[gateway]\nbase_domain = \"{BASE}\"\n{gateway_toml}\n[store]\ndata_dir = \"data\"\n{extra_toml}"
+        );
+        let config_path = dir.join("sandgate.toml");
+        std::fs::write(&config_path, toml).expect("write config");
+        let config = Config::load(&config_path).expect("config");
+        let listeners = Listeners {
+            gateway: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            telemetry: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        };
+        let addr = listeners.gateway.local_addr().expect("addr");
+        let telemetry = listeners.telemetry.local_addr().expect("addr");
+        let gw = Gateway::open(config).await.expect("gateway opens");
+        let admin_key = std::fs::read_to_string(gw.config.store.admin_key_path())
+            .expect("admin key")
+            .trim()
+            .to_string();
+        let ca_pem = std::fs::read(gw.config.store.certs_dir().join("ca.pem")).expect("ca");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn({
+            let gw = Arc::clone(&gw);
+            async move {
+                server::run(gw, listeners, async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("server runs");
+            }
+        });
+        TestGateway {
+            addr,
+            telemetry,
+            dir,
+            admin_key,
+            ca_pem,
+            gw,
+            shutdown: Some(tx),
+            task: Some(task),
+            _tmp: Some(tmp),
+        }
+    }
+
+    /// Waits until the gateway holds no client connection (the harness's own API calls close
+    /// theirs asynchronously); panics after 5 s.
+    pub async fn wait_idle(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.gw.metrics.open_connections.get() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} client connections still open",
+                self.gw.metrics.open_connections.get()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// What the gateway answered on a raw connection.
+#[derive(Debug)]
+pub struct RawAnswer {
+    /// Everything received, lossily decoded.
+    pub text: String,
+    /// True when the gateway closed the connection (EOF or reset) within the wait.
+    pub closed: bool,
+}
+
+impl RawAnswer {
+    /// The status codes of every response in the answer, in order.
+    pub fn statuses(&self) -> Vec<u16> {
+        // A status line may follow the previous response's body without a line break.
+        self.text
+            .split("HTTP/1.1 ")
+            .skip(1)
+            .filter(|rest| rest.as_bytes().get(3) == Some(&b' '))
+            .filter_map(|rest| rest.get(..3)?.parse().ok())
+            .collect()
+    }
+
+    /// The first status code, 0 when there was no response at all.
+    pub fn status(&self) -> u16 {
+        self.statuses().first().copied().unwrap_or(0)
+    }
+}
+
+/// Writes `request` on a fresh HTTP/1.1 TLS connection with SNI `sni` and reads until the
+/// gateway closes it or `wait` passes.
+pub async fn raw_exchange(tls: &TlsClient, sni: &str, request: &[u8], wait: Duration) -> RawAnswer {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tls.connect(sni, &[b"http/1.1"]).await;
+    // The gateway may answer and close before it has read everything; that is not an error.
+    let _ = stream.write_all(request).await;
+    let _ = stream.flush().await;
+    let mut out = Vec::new();
+    let closed = read_until_closed(&mut stream, &mut out, wait).await;
+    RawAnswer {
+        text: String::from_utf8_lossy(&out).into_owned(),
+        closed,
+    }
+}
+
+/// Reads into `out` until EOF or a read error (true) or until `wait` passes (false).
+pub async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    out: &mut Vec<u8>,
+    wait: Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Hand-made HTTP/2 frames, for input a client library refuses to send
+
+pub mod h2raw {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const PING: u8 = 0x6;
+    pub const GOAWAY: u8 = 0x7;
+    pub const WINDOW_UPDATE: u8 = 0x8;
+    pub const CONTINUATION: u8 = 0x9;
+    pub const END_STREAM: u8 = 0x1;
+    pub const ACK: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+    /// One frame as received.
+    #[derive(Debug, Clone)]
+    pub struct Frame {
+        pub kind: u8,
+        pub flags: u8,
+        pub stream: u32,
+        pub payload: Vec<u8>,
+    }
+
+    /// The bytes of one frame.
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        assert!(len < 1 << 24);
+        let mut out = Vec::with_capacity(9 + len);
+        out.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
+        out.push(kind);
+        out.push(flags);
+        out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// An HPACK integer with an `n`-bit prefix; `first` holds the bits above the prefix.
+    fn int(out: &mut Vec<u8>, first: u8, n: u8, mut value: usize) {
+        let max = (1usize << n) - 1;
+        if value < max {
+            out.push(first | value as u8);
+            return;
+        }
+        out.push(first | max as u8);
+        value -= max;
+        while value >= 128 {
+            out.push((value % 128) as u8 | 0x80);
+            value /= 128;
+        }
+        out.push(value as u8);
+    }
+
+    /// A header block of "literal header field without indexing — new name" entries
+    /// (RFC 7541 §6.2.2), no Huffman: every byte is exactly what the test wrote.
+    pub fn hpack(fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, value) in fields {
+            out.push(0x00);
+            int(&mut out, 0x00, 7, name.len());
+            out.extend_from_slice(name.as_bytes());
+            int(&mut out, 0x00, 7, value.len());
+            out.extend_from_slice(value.as_bytes());
+        }
+        out
+    }
+
+    /// The `:status` of a response header block (its first field, as the server's encoder
+    /// writes it). Handles the static-table statuses and literal ones with Huffman digits.
+    pub fn status(block: &[u8]) -> Option<u16> {
+        let first = *block.first()?;
+        if first & 0x80 != 0 {
+            return match first & 0x7f {
+                8 => Some(200),
+                9 => Some(204),
+                10 => Some(206),
+                11 => Some(304),
+                12 => Some(400),
+                13 => Some(404),
+                14 => Some(500),
+                _ => None,
+            };
+        }
+        // Literal with a name index: incremental indexing (01), without (0000), never (0001).
+        let name_index = if first & 0xc0 == 0x40 {
+            first & 0x3f
+        } else {
+            first & 0x0f
+        };
+        if !(8..=14).contains(&name_index) {
+            return None;
+        }
+        let len_byte = *block.get(1)?;
+        let len = usize::from(len_byte & 0x7f);
+        let value = block.get(2..2 + len)?;
+        let digits = if len_byte & 0x80 != 0 {
+            huffman_digits(value)?
+        } else {
+            String::from_utf8(value.to_vec()).ok()?
+        };
+        digits.parse().ok()
+    }
+
+    /// Decodes a Huffman string of ASCII digits (RFC 7541 Appendix B: '0'–'2' are 5 bits,
+    /// '3'–'9' 6 bits).
+    fn huffman_digits(bytes: &[u8]) -> Option<String> {
+        let bits: Vec<u8> = bytes
+            .iter()
+            .flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1))
+            .collect();
+        let take = |at: usize, n: usize| -> Option<u8> {
+            bits.get(at..at + n)
+                .map(|s| s.iter().fold(0u8, |acc, b| (acc << 1) | b))
+        };
+        let mut out = String::new();
+        let mut at = 0;
+        while at < bits.len() {
+            // The rest is padding (all ones, fewer than 8 bits).
+            if bits.len() - at < 8 && bits[at..].iter().all(|b| *b == 1) {
+                break;
+            }
+            let five = take(at, 5)?;
+            if five <= 2 {
+                out.push(char::from(b'0' + five));
+                at += 5;
+                continue;
+            }
+            let six = take(at, 6)?;
+            if (0b011001..=0b011111).contains(&six) {
+                out.push(char::from(b'0' + 3 + (six - 0b011001)));
+                at += 6;
+                continue;
+            }
+            return None;
+        }
+        Some(out)
+    }
+
+    /// A raw HTTP/2 connection over TLS (ALPN h2) that has sent the preface and its SETTINGS.
+    pub struct Conn {
+        pub stream: TlsStream<TcpStream>,
+        buf: Vec<u8>,
+        /// The gateway closed the connection (EOF or a read error).
+        pub closed: bool,
+    }
+
+    impl Conn {
+        pub async fn open(tls: &TlsClient, sni: &str) -> Conn {
+            let mut stream = tls.connect(sni, &[b"h2"]).await;
+            assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            stream
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
+            stream.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+            stream.flush().await.unwrap();
+            Conn {
+                stream,
+                buf: Vec::new(),
+                closed: false,
+            }
+        }
+
+        /// Writes raw bytes; false when the gateway has already closed the connection.
+        pub async fn write(&mut self, bytes: &[u8]) -> bool {
+            self.stream.write_all(bytes).await.is_ok() && self.stream.flush().await.is_ok()
+        }
+
+        pub async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) -> bool {
+            self.write(&frame(kind, flags, stream, payload)).await
+        }
+
+        /// A complete HEADERS frame carrying `fields`.
+        pub async fn headers(&mut self, stream: u32, fields: &[(&str, &str)], end: bool) -> bool {
+            let flags = END_HEADERS | if end { END_STREAM } else { 0 };
+            self.send(HEADERS, flags, stream, &hpack(fields)).await
+        }
+
+        /// The next frame, acknowledging the server's SETTINGS and PINGs on the way; `None`
+        /// when the connection closed or nothing arrived within `wait`.
+        pub async fn next(&mut self, wait: Duration) -> Option<Frame> {
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                if self.buf.len() >= 9 {
+                    let len = (usize::from(self.buf[0]) << 16)
+                        | (usize::from(self.buf[1]) << 8)
+                        | usize::from(self.buf[2]);
+                    if self.buf.len() >= 9 + len {
+                        let f = Frame {
+                            kind: self.buf[3],
+                            flags: self.buf[4],
+                            stream: u32::from_be_bytes([
+                                self.buf[5],
+                                self.buf[6],
+                                self.buf[7],
+                                self.buf[8],
+                            ]) & 0x7fff_ffff,
+                            payload: self.buf[9..9 + len].to_vec(),
+                        };
+                        self.buf.drain(..9 + len);
+                        if f.kind == SETTINGS && f.flags & ACK == 0 {
+                            let _ = self.send(SETTINGS, ACK, 0, &[]).await;
+                        }
+                        if f.kind == PING && f.flags & ACK == 0 {
+                            let payload = f.payload.clone();
+                            let _ = self.send(PING, ACK, 0, &payload).await;
+                        }
+                        return Some(f);
+                    }
+                }
+                let mut chunk = [0u8; 16 * 1024];
+                match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                    Ok(_) => {
+                        self.closed = true;
+                        return None;
+                    }
+                    Err(_) => return None,
+                }
+            }
+        }
+
+        /// Reads frames until one says how `stream` ended.
+        pub async fn outcome(&mut self, stream: u32, wait: Duration) -> Outcome {
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let Some(f) = self.next(left).await else {
+                    return if self.closed {
+                        Outcome::Closed
+                    } else {
+                        Outcome::TimedOut
+                    };
+                };
+                let code =
+                    |at: usize| u32::from_be_bytes(f.payload[at..at + 4].try_into().unwrap());
+                match f.kind {
+                    HEADERS if f.stream == stream => {
+                        return status(&f.payload).map_or(Outcome::UnknownStatus, Outcome::Status);
+                    }
+                    RST_STREAM if f.stream == stream => return Outcome::Reset(code(0)),
+                    GOAWAY => return Outcome::GoAway(code(4)),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// How a stream ended, as far as the client can tell.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Outcome {
+        /// A response with this status.
+        Status(u16),
+        /// A response whose status the tests' small HPACK decoder cannot read.
+        UnknownStatus,
+        /// RST_STREAM with this error code.
+        Reset(u32),
+        /// GOAWAY with this error code.
+        GoAway(u32),
+        /// The connection closed.
+        Closed,
+        /// Nothing within the wait.
+        TimedOut,
+    }
+
+    impl Outcome {
+        /// The stream or the connection was refused with an error (not answered, not hung).
+        pub fn is_error(self) -> bool {
+            matches!(
+                self,
+                Outcome::Reset(_) | Outcome::GoAway(_) | Outcome::Closed
+            )
+        }
+    }
+}
