@@ -345,7 +345,8 @@ impl Driver {
         pumps: [Option<tokio::task::JoinHandle<()>>; 2],
     ) {
         let mut ready = false;
-        let mut probe = tokio::time::interval(Duration::from_millis(100));
+        // Loopback connects are cheap: probe often so a fast server is running within ~20 ms.
+        let mut probe = tokio::time::interval(Duration::from_millis(20));
         let until_deadline =
             deadline.map(|d| Duration::from_secs(u64::try_from(d - unix_now()).unwrap_or(0)));
         let timeout = async {
