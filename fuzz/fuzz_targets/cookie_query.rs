@@ -6,9 +6,14 @@ use libfuzzer_sys::fuzz_target;
 use sandgate::proxy::headers::{find_cookie, query_has_token, remove_cookie, split_query_token};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let (token, rest) = split_query_token(text);
-    assert!(!query_has_token(&rest), "the query still carries a token: {rest:?}");
+    assert!(
+        !query_has_token(&rest),
+        "the query still carries a token: {rest:?}"
+    );
     if query_has_token(text) {
         let _ = token;
     }
@@ -17,6 +22,9 @@ fuzz_target!(|data: &[u8]| {
         headers.append(COOKIE, value);
         let _ = find_cookie(&headers);
         remove_cookie(&mut headers);
-        assert!(find_cookie(&headers).is_none(), "our cookie survived removal");
+        assert!(
+            find_cookie(&headers).is_none(),
+            "our cookie survived removal"
+        );
     }
 });

@@ -5,7 +5,9 @@ use libfuzzer_sys::fuzz_target;
 use sandgate::proxy::{canonical_host, parse_sandbox_label};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Some(host) = canonical_host(text) {
         assert!(!host.is_empty());
         assert_eq!(host, host.to_ascii_lowercase());

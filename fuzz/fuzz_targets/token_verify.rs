@@ -38,7 +38,9 @@ fn authority() -> &'static (Authority, String) {
 
 fuzz_target!(|data: &[u8]| {
     let (a, good) = authority();
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let _ = token::looks_like_ours(text);
     if let Ok(claims) = a.verify(text, sandgate::unix_now()) {
         // Only the one token we issued may verify.
@@ -52,7 +54,10 @@ fuzz_target!(|data: &[u8]| {
         p[i] = text;
         let forged = p.join(".");
         if forged != *good {
-            assert!(a.verify(&forged, sandgate::unix_now()).is_err(), "a tampered token verified");
+            assert!(
+                a.verify(&forged, sandgate::unix_now()).is_err(),
+                "a tampered token verified"
+            );
         }
     }
 });
