@@ -21,9 +21,11 @@ bindir="target/$triple/release"
 status=0
 for target in token_verify host_route cookie_query; do
   mkdir -p "corpus/$target" "artifacts/$target"
+  # Inputs that once crashed a target are kept in regressions/ and replayed every run.
+  seeds=(); [ -d "regressions/$target" ] && seeds=("regressions/$target")
   echo "=== fuzz $target for ${secs}s"
   if ! "$bindir/$target" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
-      -artifact_prefix="artifacts/$target/" -print_final_stats=1 "corpus/$target" 2>"artifacts/$target.log"; then
+      -artifact_prefix="artifacts/$target/" -print_final_stats=1 "corpus/$target" "${seeds[@]}" 2>"artifacts/$target.log"; then
     echo "fuzz $target: FAILED (see fuzz/artifacts/$target.log and fuzz/artifacts/$target/)"
     tail -30 "artifacts/$target.log"
     status=1

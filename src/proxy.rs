@@ -709,7 +709,9 @@ pub fn canonical_host(host: &str) -> Option<String> {
         }
     };
     let name = name.strip_suffix('.').unwrap_or(name);
+    // Empty labels (`a..b`, `.a`, a second trailing dot) make no DNS name.
     if name.is_empty()
+        || (!name.starts_with('[') && name.split('.').any(str::is_empty))
         || !name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'[' | b']' | b':'))
@@ -947,6 +949,10 @@ mod tests {
         assert!(canonical_host("host:").is_none());
         assert!(canonical_host("host:x1").is_none());
         assert!(canonical_host("").is_none());
+        // Found by the host_route fuzz target: a second trailing dot.
+        assert!(canonical_host("Tj..").is_none());
+        assert!(canonical_host("a..b").is_none());
+        assert!(canonical_host(".a").is_none());
     }
 
     #[test]
