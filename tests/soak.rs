@@ -74,7 +74,7 @@ async fn soak_mixed_load_without_errors_or_growth() {
     std::fs::write(
         &config,
         format!(
-            "[gateway]\nlisten = \"127.0.0.1:{port}\"\n[telemetry]\nlisten = \"127.0.0.1:{}\"\nlog_level = \"warn\"\n[store]\ndata_dir = \"data\"\n[api]\nrequests_per_second = 10000\nburst = 10000\n",
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\n[telemetry]\nlisten = \"127.0.0.1:{}\"\nlog_level = \"warn\"\n[store]\ndata_dir = \"data\"\n[api]\nrequests_per_second = 10000\nburst = 10000\naddress_requests_per_second = 10000\naddress_burst = 10000\n",
             free_port()
         ),
     )
