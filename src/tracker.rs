@@ -206,11 +206,20 @@ mod tests {
         let a = t.connection();
         let b = t.connection();
         assert!(a.admit("j1", "s1", 1));
-        assert!(a.admit("j2", "s1", 1), "the same connection with another token");
-        assert!(!b.admit("j3", "s1", 1), "a second connection into a full sandbox");
+        assert!(
+            a.admit("j2", "s1", 1),
+            "the same connection with another token"
+        );
+        assert!(
+            !b.admit("j3", "s1", 1),
+            "a second connection into a full sandbox"
+        );
         assert!(b.admit("j3", "s2", 1));
         drop(a);
-        assert!(b.admit("j3", "s1", 1), "room again once the first one closed");
+        assert!(
+            b.admit("j3", "s1", 1),
+            "room again once the first one closed"
+        );
     }
 
     #[test]
