@@ -179,7 +179,7 @@ impl Default for RawTokens {
             default_ttl_secs: 600,
             max_ttl_secs: 86_400,
             leeway_secs: 30,
-            cache_capacity: 100_000,
+            cache_capacity: 10_000,
         }
     }
 }
