@@ -60,6 +60,57 @@ pub struct Gateway {
     pub driver: Option<Arc<Driver>>,
     /// Control API rate limits.
     pub api_limits: crate::api::RateLimits,
+    /// Audit events on their way to the store, committed in groups.
+    audit_log: AuditLog,
+}
+
+/// Group commit for audit events: concurrent callers' events are written in one transaction,
+/// and each caller returns only once its event is committed, so an event the API reported is
+/// never lost, while a burst costs one fsync instead of one per event.
+struct AuditLog {
+    tx: tokio::sync::mpsc::Sender<(AuditEvent, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl AuditLog {
+    /// The most events one transaction carries.
+    const MAX_BATCH: usize = 512;
+
+    fn start(store: Arc<dyn Store>) -> AuditLog {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<(AuditEvent, tokio::sync::oneshot::Sender<()>)>(4096);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(Self::MAX_BATCH);
+            let mut waiters = Vec::with_capacity(Self::MAX_BATCH);
+            while let Some((event, done)) = rx.recv().await {
+                batch.push(event);
+                waiters.push(done);
+                while batch.len() < Self::MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok((event, done)) => {
+                            batch.push(event);
+                            waiters.push(done);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if let Err(err) = store.append_audit_batch(&batch).await {
+                    tracing::error!(error = %err, events = batch.len(), "could not record audit events");
+                }
+                batch.clear();
+                for done in waiters.drain(..) {
+                    let _ = done.send(());
+                }
+            }
+        });
+        AuditLog { tx }
+    }
+
+    async fn record(&self, event: AuditEvent) {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        if self.tx.send((event, done)).await.is_ok() {
+            let _ = committed.await;
+        }
+    }
 }
 
 impl std::fmt::Debug for Gateway {
@@ -134,7 +185,9 @@ impl Gateway {
             "state loaded"
         );
 
+        let audit_log = AuditLog::start(Arc::clone(&store));
         Ok(Arc::new(Gateway {
+            audit_log,
             store,
             tokens,
             routes,
@@ -143,6 +196,7 @@ impl Gateway {
             certs,
             driver,
             api_limits: crate::api::RateLimits::new(&config.api),
+
             config,
         }))
     }
@@ -209,9 +263,7 @@ impl Gateway {
             target: target.to_string(),
             client_addr,
         };
-        if let Err(err) = self.store.append_audit(&event).await {
-            tracing::error!(error = %err, action, "could not record audit event");
-        }
+        self.audit_log.record(event).await;
     }
 }
 

@@ -331,6 +331,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends an event (its `id` is ignored) and returns the id assigned.
     async fn append_audit(&self, e: &AuditEvent) -> Result<i64, StoreError>;
+    /// Appends several events in one transaction, in order: one commit (one fsync) for many
+    /// concurrent callers. The default appends one at a time.
+    async fn append_audit_batch(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
+        for e in events {
+            self.append_audit(e).await?;
+        }
+        Ok(())
+    }
     /// The newest `limit` events, newest first.
     async fn audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError>;
 
@@ -373,6 +381,7 @@ pub(crate) mod conformance {
                 mark_token_used_is_first_wins,
                 mark_token_used_is_atomic_under_concurrency,
                 audit_is_newest_first_with_limit,
+                audit_batches_keep_their_order,
                 prune_drops_only_long_expired_token_entries,
             );
         };
@@ -720,6 +729,31 @@ pub(crate) mod conformance {
             assert_eq!(winners, 1, "round {round}");
         }
         assert_eq!(store.used_tokens(0).await.unwrap().len(), 8);
+    }
+
+    pub(crate) async fn audit_batches_keep_their_order(store: &dyn Store) {
+        let events: Vec<AuditEvent> = (0..5)
+            .map(|i| AuditEvent {
+                id: 0,
+                time: 1_000 + i,
+                actor: "cred_batch".into(),
+                action: format!("batch.{i}"),
+                target: "t".into(),
+                client_addr: None,
+            })
+            .collect();
+        store.append_audit_batch(&events).await.unwrap();
+        let newest: Vec<String> = store
+            .audit(5)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(
+            newest,
+            ["batch.4", "batch.3", "batch.2", "batch.1", "batch.0"]
+        );
     }
 
     pub(crate) async fn audit_is_newest_first_with_limit(store: &dyn Store) {

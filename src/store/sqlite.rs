@@ -800,6 +800,27 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn append_audit_batch(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
+        let events = events.to_vec();
+        self.call(move |conn| {
+            let tx = conn.transaction().map_err(classify)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO audit_events (time, actor, action, target, client_addr)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(classify)?;
+                for e in &events {
+                    stmt.execute(params![e.time, e.actor, e.action, e.target, e.client_addr])
+                        .map_err(classify)?;
+                }
+            }
+            tx.commit().map_err(classify)
+        })
+        .await
+    }
+
     async fn audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.call(move |conn| {
