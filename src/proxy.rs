@@ -47,6 +47,43 @@ pub struct ConnContext {
     pub remote: SocketAddr,
     /// Registration for revocation: cancelled when a token or sandbox it used is revoked.
     pub conn: tracker::Connection,
+    /// When the connection was accepted, and milliseconds from then to its latest request:
+    /// an HTTP/2 connection with no new request for the idle timeout is wound down.
+    pub started: Instant,
+    pub last_request_ms: std::sync::atomic::AtomicU64,
+}
+
+impl ConnContext {
+    pub fn new(remote: SocketAddr, conn: tracker::Connection) -> ConnContext {
+        ConnContext {
+            remote,
+            conn,
+            started: Instant::now(),
+            last_request_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Notes that a request arrived.
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_request_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Completes once no request has arrived for `idle`.
+    pub async fn idle_for(&self, idle: std::time::Duration) {
+        loop {
+            let last = std::time::Duration::from_millis(
+                self.last_request_ms
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
+            let quiet = self.started.elapsed().saturating_sub(last);
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    }
 }
 
 /// How a token was presented, in order of precedence.

@@ -163,10 +163,7 @@ async fn serve_connection(
         }
     };
     gw.metrics.connections_total.inc();
-    let ctx = Arc::new(ConnContext {
-        remote,
-        conn: gw.tracker.connection(),
-    });
+    let ctx = Arc::new(ConnContext::new(remote, gw.tracker.connection()));
     // The slot and the gauge are released when the connection is, which for a WebSocket is
     // when its tunnel ends, not when this task returns after the 101.
     ctx.conn.hold(slot);
@@ -174,14 +171,17 @@ async fn serve_connection(
     let cancelled = ctx.conn.cancelled().clone();
     let service = {
         let ctx = Arc::clone(&ctx);
-        service_fn(move |req| Arc::clone(&proxy).serve(req, Arc::clone(&ctx)))
+        service_fn(move |req| {
+            ctx.touch();
+            Arc::clone(&proxy).serve(req, Arc::clone(&ctx))
+        })
     };
     // The protocol is the one ALPN settled; a client that offered none speaks HTTP/1.1.
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = TokioIo::new(tls);
     // Both connection types have the same shape but no common trait: one body, twice.
     macro_rules! drive {
-        ($conn:expr) => {{
+        ($conn:expr, $idle:expr) => {{
             let conn = $conn;
             tokio::pin!(conn);
             tokio::select! {
@@ -194,7 +194,8 @@ async fn serve_connection(
                     gw.metrics.revoked_connections.inc();
                     tracing::debug!(%remote, "connection closed: its token or sandbox was revoked");
                 }
-                _ = draining.cancelled() => {
+                // Draining, or an idle HTTP/2 connection: GOAWAY, let open streams finish.
+                _ = async { tokio::select! { _ = draining.cancelled() => {}, _ = $idle => {} } } => {
                     conn.as_mut().graceful_shutdown();
                     tokio::select! {
                         _ = conn.as_mut() => {}
@@ -205,9 +206,14 @@ async fn serve_connection(
         }};
     }
     if h2 {
-        drive!(builder.h2.serve_connection(io, service))
+        let idle = gw.config.gateway.idle_timeout;
+        drive!(builder.h2.serve_connection(io, service), ctx.idle_for(idle))
     } else {
-        drive!(builder.h1.serve_connection(io, service).with_upgrades())
+        // HTTP/1.1 idleness is bounded by hyper's header timer (see `Protocols::new`).
+        drive!(
+            builder.h1.serve_connection(io, service).with_upgrades(),
+            std::future::pending::<()>()
+        )
     }
 }
 

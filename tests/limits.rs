@@ -1110,3 +1110,38 @@ async fn rotating_the_signing_key_under_load_fails_no_request() {
         "the new key never signed within 5 s: {kids:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2 idle timeout
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_wound_down() {
+    let s = setup("idle_timeout_secs = 1").await;
+    let tls = s.gw.tls();
+    let mut busy = tls.h2(&s.host).await;
+    let mut quiet = tls.h2(&s.host).await;
+    let req = |s: &Setup| {
+        Request::builder()
+            .uri(format!("https://{}/", s.host))
+            .header("x-sandgate-token", &s.token)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(quiet.send_request(req(&s)).await.unwrap().status(), 200);
+    // The busy connection sends a request every 300 ms for 2.5 s and is never refused.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(2500) {
+        let r = busy
+            .send_request(req(&s))
+            .await
+            .expect("a busy h2 connection was closed");
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The quiet one got GOAWAY after about a second with nothing in flight, and is closed.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !quiet.is_closed() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(quiet.is_closed(), "an idle HTTP/2 connection stayed open");
+}
