@@ -61,8 +61,11 @@ impl TestGateway {
         let toml = format!(
             "[gateway]\nbase_domain = \"{BASE}\"\nshutdown_grace_secs = 2\n[store]\ndata_dir = \"data\"\n{extra_toml}"
         );
-        // Extra sections for [gateway] would repeat the table; allow callers to pass whole
-        // tables only when they do not collide.
+        Self::start_from_toml(dir, &toml).await
+    }
+
+    /// Writes `toml` as the config in `dir`, opens the gateway and serves it on 127.0.0.1:0.
+    async fn start_from_toml(dir: &Path, toml: &str) -> TestGateway {
         let config_path = dir.join("sandgate.toml");
         std::fs::write(&config_path, toml).expect("write config");
         let config = Config::load(&config_path).expect("config");
@@ -815,47 +818,12 @@ impl TestGateway {
     pub async fn start_with_gateway(gateway_toml: &str, extra_toml: &str) -> TestGateway {
         sandgate::telemetry::init_tracing("warn", false);
         let tmp = tempfile::tempdir().expect("temp dir");
-        let dir = tmp.path().to_path_buf();
         let toml = format!(
             "[gateway]\nbase_domain = \"{BASE}\"\n{gateway_toml}\n[store]\ndata_dir = \"data\"\n{extra_toml}"
         );
-        let config_path = dir.join("sandgate.toml");
-        std::fs::write(&config_path, toml).expect("write config");
-        let config = Config::load(&config_path).expect("config");
-        let listeners = Listeners {
-            gateway: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-            telemetry: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-        };
-        let addr = listeners.gateway.local_addr().expect("addr");
-        let telemetry = listeners.telemetry.local_addr().expect("addr");
-        let gw = Gateway::open(config).await.expect("gateway opens");
-        let admin_key = std::fs::read_to_string(gw.config.store.admin_key_path())
-            .expect("admin key")
-            .trim()
-            .to_string();
-        let ca_pem = std::fs::read(gw.config.store.certs_dir().join("ca.pem")).expect("ca");
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn({
-            let gw = Arc::clone(&gw);
-            async move {
-                server::run(gw, listeners, async {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("server runs");
-            }
-        });
-        TestGateway {
-            addr,
-            telemetry,
-            dir,
-            admin_key,
-            ca_pem,
-            gw,
-            shutdown: Some(tx),
-            task: Some(task),
-            _tmp: Some(tmp),
-        }
+        let mut g = Self::start_from_toml(tmp.path(), &toml).await;
+        g._tmp = Some(tmp);
+        g
     }
 
     /// Waits until the gateway holds no client connection (the harness's own API calls close
