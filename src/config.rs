@@ -34,6 +34,9 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+    /// An environment variable that overrides a key has a value that makes no sense.
+    #[error("invalid environment variable {var}: {message}")]
+    Env { var: &'static str, message: String },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +91,7 @@ struct RawGateway {
     max_connections_per_sandbox: usize,
     h2_max_concurrent_streams: u32,
     websocket_idle_timeout_secs: u64,
+    workers: usize,
 }
 
 impl Default for RawGateway {
@@ -110,6 +114,7 @@ impl Default for RawGateway {
             max_connections_per_sandbox: 4_096,
             h2_max_concurrent_streams: 256,
             websocket_idle_timeout_secs: 600,
+            workers: 0,
         }
     }
 }
@@ -154,12 +159,16 @@ impl Default for RawTls {
 #[serde(deny_unknown_fields, default)]
 struct RawStore {
     data_dir: PathBuf,
+    url: Option<String>,
+    kek_file: Option<PathBuf>,
 }
 
 impl Default for RawStore {
     fn default() -> Self {
         RawStore {
             data_dir: PathBuf::from("data"),
+            url: None,
+            kek_file: None,
         }
     }
 }
@@ -293,6 +302,10 @@ pub struct GatewayConfig {
     pub h2_max_concurrent_streams: u32,
     /// A WebSocket (or any upgraded tunnel) with no traffic either way for this long closes.
     pub websocket_idle_timeout: Duration,
+    /// Data-plane workers: one single-threaded runtime and one listening socket each
+    /// (`SO_REUSEPORT`), so a connection and its upstream stay on one core. `0` in the file
+    /// means one per available core.
+    pub workers: usize,
 }
 
 /// The plain-HTTP loopback listener for metrics and health, and logging.
@@ -313,9 +326,43 @@ pub struct TlsConfig {
 }
 
 /// Where state lives.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreConfig {
     pub data_dir: PathBuf,
+    /// `postgres://...`: cluster mode, all state in one PostgreSQL shared by every node
+    /// (`None`: SQLite in `data_dir`). May hold a password, so `Debug` redacts it.
+    pub url: Option<String>,
+    /// File with the key-encryption key that seals signing keys in PostgreSQL (64 hex
+    /// characters or base64 of 32 bytes); `$SANDGATE_KEK` takes precedence.
+    pub kek_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("data_dir", &self.data_dir)
+            .field(
+                "url",
+                &self.url.as_deref().map(crate::store::postgres::redact_url),
+            )
+            .field("kek_file", &self.kek_file)
+            .finish()
+    }
+}
+
+/// Checks a `[store] url`: a `postgres://` or `postgresql://` URL. The message never repeats a
+/// password.
+fn check_store_url(url: &str) -> Result<(), String> {
+    match url::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") => Ok(()),
+        Ok(u) => Err(format!(
+            "scheme `{}:` is not supported; use postgres://user@host:5432/sandgate",
+            u.scheme()
+        )),
+        Err(e) => Err(format!(
+            "not a URL such as postgres://user@host:5432/sandgate ({e})"
+        )),
+    }
 }
 
 impl StoreConfig {
@@ -347,19 +394,35 @@ pub struct TokensConfig {
 impl Config {
     /// Loads the config named on the command line, else `$SANDGATE_CONFIG`, else
     /// [`DEFAULT_PATH`] if it exists, else the embedded defaults (paths relative to the working
-    /// directory).
+    /// directory). Then applies the environment overrides (`$SANDGATE_STORE_URL`).
     pub fn load_default(explicit: Option<&Path>) -> Result<Config, ConfigError> {
-        if let Some(path) = explicit {
-            return Config::load(path);
+        let config = if let Some(path) = explicit {
+            Config::load(path)?
+        } else if let Some(path) = std::env::var_os("SANDGATE_CONFIG").filter(|p| !p.is_empty()) {
+            Config::load(Path::new(&path))?
+        } else if Path::new(DEFAULT_PATH).exists() {
+            Config::load(Path::new(DEFAULT_PATH))?
+        } else {
+            Config::from_toml("", None, Path::new("."))?
+        };
+        let store_url = std::env::var("SANDGATE_STORE_URL")
+            .ok()
+            .filter(|v| !v.is_empty());
+        config.with_store_url(store_url)
+    }
+
+    /// `$SANDGATE_STORE_URL`, when set, replaces `[store] url`: keeps the database password
+    /// out of the config file. Separate from [`Config::load_default`] so tests need not touch
+    /// the process environment.
+    fn with_store_url(mut self, url: Option<String>) -> Result<Config, ConfigError> {
+        if let Some(url) = url {
+            check_store_url(&url).map_err(|message| ConfigError::Env {
+                var: "SANDGATE_STORE_URL",
+                message,
+            })?;
+            self.store.url = Some(url);
         }
-        if let Some(path) = std::env::var_os("SANDGATE_CONFIG").filter(|p| !p.is_empty()) {
-            return Config::load(Path::new(&path));
-        }
-        let default = Path::new(DEFAULT_PATH);
-        if default.exists() {
-            return Config::load(default);
-        }
-        Config::from_toml("", None, Path::new("."))
+        Ok(self)
     }
 
     /// Loads and validates one file.
@@ -461,6 +524,10 @@ impl Config {
                 "gateway.websocket_idle_timeout_secs",
                 g.websocket_idle_timeout_secs,
             )?,
+            workers: match g.workers {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n.min(1024),
+            },
         };
 
         let t = raw.telemetry;
@@ -485,7 +552,14 @@ impl Config {
         };
 
         let data_dir = resolve(&raw.store.data_dir);
-        let store = StoreConfig { data_dir };
+        if let Some(url) = &raw.store.url {
+            check_store_url(url).map_err(|message| invalid("store.url", message))?;
+        }
+        let store = StoreConfig {
+            data_dir,
+            url: raw.store.url,
+            kek_file: raw.store.kek_file.as_deref().map(resolve),
+        };
 
         let tls = match (raw.tls.cert_file, raw.tls.key_file) {
             (Some(cert), Some(key)) => TlsConfig {
@@ -725,6 +799,58 @@ mod tests {
         assert!(!prod.tls.dev_cert);
         assert_eq!(prod.gateway.public_port, 443);
         assert!(prod.telemetry.log_json);
+    }
+
+    #[test]
+    fn store_url_and_kek_file_select_cluster_mode() {
+        let c = parse("").unwrap();
+        assert_eq!(c.store.url, None);
+        assert_eq!(c.store.kek_file, None);
+        let c = parse(
+            "[store]\nurl = \"postgres://sg:hunter2@db:5432/sandgate\"\nkek_file = \"secrets/kek\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.store.url.as_deref(),
+            Some("postgres://sg:hunter2@db:5432/sandgate")
+        );
+        assert_eq!(
+            c.store.kek_file.as_deref(),
+            Some(Path::new("/etc/sg/secrets/kek"))
+        );
+        let shown = format!("{:?}", c.store);
+        assert!(
+            !shown.contains("hunter2") && shown.contains("db:5432"),
+            "{shown}"
+        );
+
+        for bad in ["mysql://db/x", "not a url", "sqlite:data.db"] {
+            let err = parse(&format!("[store]\nurl = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("store.url"), "{bad}: {err}");
+        }
+        let err = parse("[store]\nurl = \"mysql://u:hunter2@db/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn store_url_from_the_environment_overrides_the_file() {
+        let c = parse("[store]\nurl = \"postgres://file/x\"\n").unwrap();
+        let c = c.with_store_url(None).unwrap();
+        assert_eq!(c.store.url.as_deref(), Some("postgres://file/x"));
+        let c = c
+            .with_store_url(Some("postgresql://env/y".to_owned()))
+            .unwrap();
+        assert_eq!(c.store.url.as_deref(), Some("postgresql://env/y"));
+        let err = parse("")
+            .unwrap()
+            .with_store_url(Some("redis://x".to_owned()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SANDGATE_STORE_URL"), "{err}");
     }
 
     #[test]

@@ -1,23 +1,29 @@
 //! Durable state: signing keys, credentials, sandboxes, token revocations and single-use marks,
-//! and the audit log.
+//! cluster nodes, and the audit log.
 //!
-//! Callers hold an `Arc<dyn Store>` and never see the backend. The trait is shaped so that a
-//! PostgreSQL implementation (cluster mode) can be added without touching them: records are
-//! plain owned structs, times are `i64` Unix seconds, lists and maps are Rust collections (each
-//! backend picks its own column encoding), and errors are the backend-neutral [`StoreError`].
-//! [`sqlite::SqliteStore`] is the embedded default.
+//! Callers hold an `Arc<dyn Store>` and never see the backend: records are plain owned structs,
+//! times are `i64` Unix seconds, lists and maps are Rust collections (each backend picks its own
+//! column encoding), and errors are the backend-neutral [`StoreError`]. [`open`] picks the
+//! backend from the config: [`sqlite::SqliteStore`] is the embedded default,
+//! [`postgres::PostgresStore`] the shared store of cluster mode.
 //!
 //! The store is the source of truth, not a hot-path cache: the data plane keeps its own
-//! in-memory views (route table, revocation set) and reloads them from here.
+//! in-memory views (route table, revocation set) and reloads them from here. [`Store::changes`]
+//! tells those views when to reload, including for writes made by other gateways.
 
+mod columns;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 
+use crate::config::StoreConfig;
 use crate::credential::{Scope, SecretHash};
 
 /// How long past its `exp` a revoked or used token's entry stays listed and stored.
@@ -29,9 +35,10 @@ pub const EXPIRED_TOKEN_GRACE_SECS: i64 = 60;
 
 /// A connect-token signing key as stored.
 ///
-/// `private_der` is opaque to the store: PKCS#8 DER for the embedded store, or the same
-/// encrypted under the cluster key-encryption key when shared through PostgreSQL. Either way it
-/// is secret, so `Debug` shows only its length.
+/// `private_der` is opaque to the store and is handed back exactly as given (PKCS#8 DER from the
+/// gateway). At rest, the embedded store keeps it in its private file as is, while PostgreSQL,
+/// shared and reached over the network, holds it sealed under the cluster key-encryption key
+/// ([`postgres::Kek`]). Either way it is secret, so `Debug` shows only its length.
 #[derive(Clone, PartialEq, Eq)]
 pub struct StoredSigningKey {
     /// Key id, published in the JWKS and in each token's `kid` header.
@@ -224,6 +231,65 @@ impl fmt::Debug for SandboxRecord {
     }
 }
 
+/// A gateway node of a cluster, as it announced itself in its last heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// `[cluster] node_name`: unique in the cluster, and the value of [`SandboxRecord::node`]
+    /// for the sandboxes it runs.
+    pub name: String,
+    /// Where other nodes reach this node's process sandboxes (an IP address or a host name).
+    pub advertise_addr: String,
+    /// Whether its orchestrator runs `command` sandboxes (a gateway-only node does not).
+    pub runs_sandboxes: bool,
+    /// The sandgate version it runs, for operators during rolling upgrades.
+    pub version: String,
+    /// When the node process started.
+    pub started_at: i64,
+    /// When it last called [`Store::heartbeat`]; a node whose heartbeat is too old is lost.
+    pub last_heartbeat: i64,
+}
+
+impl NodeRecord {
+    /// Whether `other` announces the same node: every field but `last_heartbeat` equal. A
+    /// heartbeat that changes only that is not worth a [`Change::NodeChanged`].
+    fn same_announcement(&self, other: &NodeRecord) -> bool {
+        NodeRecord {
+            last_heartbeat: other.last_heartbeat,
+            ..self.clone()
+        } == *other
+    }
+}
+
+/// A change another node may need to apply to its in-memory views, announced by
+/// [`Store::changes`] once the write has committed. Carries ids only, never secrets: receivers
+/// read the record itself from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A connect token was revoked until `exp` (the later expiry, if it was revoked before).
+    TokenRevoked { jti: String, exp: i64 },
+    /// A sandbox was inserted or updated (status changes included: terminated, failed, lost).
+    SandboxChanged { id: String },
+    /// A credential was revoked.
+    CredentialRevoked { id: String },
+    /// A signing key was added (a key rotation): reload the key set.
+    SigningKeyAdded { kid: String },
+    /// A node appeared or changed what it announces (address, role, version, start time).
+    /// Heartbeats that only refresh `last_heartbeat` are not announced.
+    NodeChanged { name: String },
+    /// The feed was interrupted (database connection lost and regained): the receiver must
+    /// reload everything it caches, because changes may have been missed.
+    Resync,
+}
+
+/// The `detail` of a sandbox that [`Store::mark_node_lost`] marks lost.
+fn lost_detail(node: &str) -> String {
+    format!("node {node} stopped answering")
+}
+
+/// How many changes a slow receiver of [`Store::changes`] may fall behind before it misses some
+/// (and sees [`broadcast::error::RecvError::Lagged`], which it must treat as [`Change::Resync`]).
+pub const CHANGE_FEED_CAPACITY: usize = 4096;
+
 /// One audit-log entry. Its serialized form is the API's audit event object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEvent {
@@ -268,16 +334,36 @@ pub enum StoreError {
     #[error("database schema version {found} is newer than this build supports ({supported}); upgrade sandgate")]
     SchemaTooNew { found: i64, supported: i64 },
     /// The store could not be opened or created at `path` (permissions, missing parent, not a
-    /// database). Only [`sqlite::SqliteStore::open`] returns it.
+    /// database). Only [`sqlite::SqliteStore::open`] returns it; PostgreSQL that cannot be
+    /// reached is [`StoreError::Unavailable`].
     #[error("cannot open store at {path}")]
     Open {
         path: std::path::PathBuf,
         #[source]
         source: BoxError,
     },
+    /// The key-encryption key that seals signing keys in the shared store is missing,
+    /// malformed or not the cluster's. Needs an operator; the message says what to set.
+    #[error(transparent)]
+    Kek(#[from] postgres::KekError),
     /// Any other backend failure: a bug (bad query, API misuse) rather than a state of the world.
     #[error("store backend error")]
     Backend(#[source] BoxError),
+}
+
+/// Opens the store that `config` names: PostgreSQL when `[store] url` is set (with the
+/// key-encryption key from `$SANDGATE_KEK` or `[store] kek_file`, see
+/// [`postgres::Kek::from_env_or_file`]), else SQLite in `data_dir` (a brief blocking open).
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match &config.url {
+        Some(url) => {
+            let kek = postgres::Kek::from_env_or_file(config.kek_file.as_deref())?;
+            let store =
+                postgres::PostgresStore::open(postgres::PostgresOptions::new(url, kek)).await?;
+            Ok(Arc::new(store))
+        }
+        None => Ok(Arc::new(sqlite::SqliteStore::open(&config.sqlite_path())?)),
+    }
 }
 
 /// Durable state behind every gateway. Object safe: used as `Arc<dyn Store>`.
@@ -346,6 +432,39 @@ pub trait Store: Send + Sync + 'static {
     /// [`EXPIRED_TOKEN_GRACE_SECS`] before `now`: such tokens fail verification on `exp` alone.
     /// Credentials, sandboxes and the audit log are kept.
     async fn prune(&self, now: i64) -> Result<(), StoreError>;
+
+    /// Records that `node` is alive: inserts it, or replaces every field of the node with that
+    /// name (`last_heartbeat` included). Announces [`Change::NodeChanged`] only when the node is
+    /// new or a field other than `last_heartbeat` changed.
+    async fn heartbeat(&self, node: &NodeRecord) -> Result<(), StoreError>;
+    /// Every node that ever sent a heartbeat, lost ones included, by name.
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Declares node `name` lost, atomically: only if its `last_heartbeat` is before
+    /// `heartbeat_before`, every sandbox it runs whose status is live
+    /// ([`SandboxStatus::is_live`]) becomes [`SandboxStatus::Lost`] with `ended_at = now` and a
+    /// `detail` saying why. Returns their ids, sorted, and announces
+    /// [`Change::SandboxChanged`] for each.
+    ///
+    /// Does nothing (returns no ids) when the node heartbeated meanwhile or is unknown. Safe
+    /// when several nodes race to declare the same node lost: each sandbox makes the transition
+    /// once, so only one caller gets its id.
+    async fn mark_node_lost(
+        &self,
+        name: &str,
+        heartbeat_before: i64,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Subscribes to the changes written through this store, by this process and (for a shared
+    /// store) every other gateway, each announced after its commit, in commit order.
+    ///
+    /// A receiver that sees [`Change::Resync`], or falls more than [`CHANGE_FEED_CAPACITY`]
+    /// behind ([`broadcast::error::RecvError::Lagged`]), must reload everything it caches.
+    /// Every backend in this crate has a feed; `None` (the default) means the backend cannot
+    /// announce changes and callers must poll.
+    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        None
+    }
 }
 
 /// Behaviour every [`Store`] backend must show. Each function takes a fresh, empty store and
@@ -383,6 +502,11 @@ pub(crate) mod conformance {
                 audit_is_newest_first_with_limit,
                 audit_batches_keep_their_order,
                 prune_drops_only_long_expired_token_entries,
+                nodes_round_trip_and_heartbeats_replace,
+                mark_node_lost_ends_only_that_nodes_live_sandboxes,
+                mark_node_lost_spares_a_node_that_heartbeated,
+                mark_node_lost_is_one_transition_under_races,
+                changes_are_announced_after_commit,
             );
         };
         (@each $make:path; $($name:ident),* $(,)?) => {
@@ -442,6 +566,25 @@ pub(crate) mod conformance {
             detail: None,
             process: ProcessInfo::default(),
         }
+    }
+
+    pub(crate) fn node(name: &str, last_heartbeat: i64) -> NodeRecord {
+        NodeRecord {
+            name: name.to_owned(),
+            advertise_addr: "10.0.0.5".to_owned(),
+            runs_sandboxes: true,
+            version: "0.1.0".to_owned(),
+            started_at: 1_000,
+            last_heartbeat,
+        }
+    }
+
+    /// Receives the next change, failing the test if none arrives within 5 s.
+    pub(crate) async fn next_change(rx: &mut broadcast::Receiver<Change>) -> Change {
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a change within 5 s")
+            .expect("the change feed is open and not lagging")
     }
 
     pub(crate) fn signing_key(kid: &str, created_at: i64) -> StoredSigningKey {
@@ -849,6 +992,267 @@ pub(crate) mod conformance {
         assert_eq!(store.credentials().await.unwrap().len(), 1);
         assert_eq!(store.sandboxes().await.unwrap().len(), 1);
         assert_eq!(store.audit(10).await.unwrap().len(), 1);
+    }
+
+    pub(crate) async fn nodes_round_trip_and_heartbeats_replace(store: &dyn Store) {
+        assert!(store.nodes().await.unwrap().is_empty());
+        let b = node("node-b", 100);
+        let a = NodeRecord {
+            runs_sandboxes: false,
+            advertise_addr: "gw-a.internal".to_owned(),
+            ..node("node-a", 90)
+        };
+        store.heartbeat(&b).await.unwrap();
+        store.heartbeat(&a).await.unwrap();
+        assert_eq!(store.nodes().await.unwrap(), vec![a.clone(), b.clone()]);
+
+        // A later heartbeat replaces every field of that node only.
+        let a2 = NodeRecord {
+            advertise_addr: "10.0.0.9".to_owned(),
+            version: "0.2.0".to_owned(),
+            started_at: 2_000,
+            last_heartbeat: 2_005,
+            ..a
+        };
+        store.heartbeat(&a2).await.unwrap();
+        assert_eq!(store.nodes().await.unwrap(), vec![a2, b]);
+    }
+
+    pub(crate) async fn mark_node_lost_ends_only_that_nodes_live_sandboxes(store: &dyn Store) {
+        store.heartbeat(&node("node-a", 100)).await.unwrap();
+        store.heartbeat(&node("node-b", 100)).await.unwrap();
+        let on_a = |id: &str, status| SandboxRecord {
+            status,
+            node: Some("node-a".to_owned()),
+            ..sandbox(id, 10)
+        };
+        let starting = on_a("sbxastarting", SandboxStatus::Starting);
+        let running = on_a("sbxarunning", SandboxStatus::Running);
+        let stopped = SandboxRecord {
+            ended_at: Some(50),
+            ..on_a("sbxastopped", SandboxStatus::Stopped)
+        };
+        let failed = on_a("sbxafailed", SandboxStatus::Failed);
+        let elsewhere = SandboxRecord {
+            node: Some("node-b".to_owned()),
+            ..on_a("sbxbrunning", SandboxStatus::Running)
+        };
+        let external = SandboxRecord {
+            node: None,
+            upstream: Some("10.0.3.7".to_owned()),
+            ..on_a("sbxexternal", SandboxStatus::Running)
+        };
+        for s in [
+            &starting, &running, &stopped, &failed, &elsewhere, &external,
+        ] {
+            store.insert_sandbox(s).await.unwrap();
+        }
+
+        let lost = store.mark_node_lost("node-a", 150, 1_000).await.unwrap();
+        assert_eq!(
+            lost,
+            vec!["sbxarunning".to_owned(), "sbxastarting".to_owned()]
+        );
+        for was in [&starting, &running] {
+            let now = store.sandbox(&was.id).await.unwrap().unwrap();
+            assert_eq!(now.status, SandboxStatus::Lost);
+            assert!(!now.status.is_live());
+            assert_eq!(now.ended_at, Some(1_000));
+            assert!(now.detail.as_deref().is_some_and(|d| d.contains("node-a")));
+            assert_eq!(
+                SandboxRecord {
+                    status: was.status,
+                    ended_at: was.ended_at,
+                    detail: was.detail.clone(),
+                    ..now
+                },
+                *was,
+                "nothing else changes"
+            );
+        }
+        for untouched in [&stopped, &failed, &elsewhere, &external] {
+            assert_eq!(
+                store.sandbox(&untouched.id).await.unwrap().as_ref(),
+                Some(untouched)
+            );
+        }
+
+        // Already lost: a second call finds nothing live.
+        assert!(store
+            .mark_node_lost("node-a", 150, 2_000)
+            .await
+            .unwrap()
+            .is_empty());
+        let again = store.sandbox(&running.id).await.unwrap().unwrap();
+        assert_eq!(again.ended_at, Some(1_000), "the first transition stands");
+    }
+
+    pub(crate) async fn mark_node_lost_spares_a_node_that_heartbeated(store: &dyn Store) {
+        let live = SandboxRecord {
+            node: Some("node-a".to_owned()),
+            status: SandboxStatus::Running,
+            ..sandbox("sbxalive", 1)
+        };
+        store.insert_sandbox(&live).await.unwrap();
+
+        // Unknown node: nothing to judge by.
+        assert!(store
+            .mark_node_lost("node-a", 150, 1)
+            .await
+            .unwrap()
+            .is_empty());
+        // A heartbeat at (not before) the cut-off counts as alive.
+        store.heartbeat(&node("node-a", 150)).await.unwrap();
+        assert!(store
+            .mark_node_lost("node-a", 150, 1)
+            .await
+            .unwrap()
+            .is_empty());
+        // It heartbeated after the caller decided it was late.
+        store.heartbeat(&node("node-a", 200)).await.unwrap();
+        assert!(store
+            .mark_node_lost("node-a", 150, 1)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(store.sandbox(&live.id).await.unwrap(), Some(live.clone()));
+
+        assert_eq!(
+            store.mark_node_lost("node-a", 201, 1).await.unwrap(),
+            vec![live.id]
+        );
+    }
+
+    pub(crate) async fn mark_node_lost_is_one_transition_under_races(store: &dyn Store) {
+        store.heartbeat(&node("node-a", 100)).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let s = SandboxRecord {
+                node: Some("node-a".to_owned()),
+                status: SandboxStatus::Running,
+                ..sandbox(&format!("sbxrace{i}"), i)
+            };
+            store.insert_sandbox(&s).await.unwrap();
+            ids.push(s.id);
+        }
+        let attempts = (0..8).map(|i| store.mark_node_lost("node-a", 150, 1_000 + i));
+        let results: Vec<Vec<String>> = futures_util::future::join_all(attempts)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        let winners: Vec<&Vec<String>> = results.iter().filter(|r| !r.is_empty()).collect();
+        assert_eq!(winners.len(), 1, "{results:?}");
+        assert_eq!(*winners[0], ids);
+        let ended: Vec<Option<i64>> = store
+            .sandboxes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.ended_at)
+            .collect();
+        assert!(ended.windows(2).all(|w| w[0] == w[1]), "{ended:?}");
+    }
+
+    pub(crate) async fn changes_are_announced_after_commit(store: &dyn Store) {
+        let mut rx = store
+            .changes()
+            .expect("every backend in this crate announces changes");
+
+        // Each step: a write, and what it announces (most writes announce nothing).
+        store
+            .insert_signing_key(&signing_key("k1", 1))
+            .await
+            .unwrap();
+        let (_, c) = credential("cred_a", 1);
+        store.insert_credential(&c).await.unwrap();
+        assert!(store.revoke_credential("cred_a", 2).await.unwrap());
+        assert!(!store.revoke_credential("cred_a", 3).await.unwrap());
+        let s = SandboxRecord {
+            node: Some("node-a".to_owned()),
+            ..sandbox("sbxfeed", 1)
+        };
+        store.insert_sandbox(&s).await.unwrap();
+        store.insert_sandbox(&s).await.unwrap_err();
+        store
+            .update_sandbox(&SandboxRecord {
+                status: SandboxStatus::Running,
+                ..s.clone()
+            })
+            .await
+            .unwrap();
+        store
+            .update_sandbox(&sandbox("sbxmissing", 1))
+            .await
+            .unwrap_err();
+        store.revoke_token("jti-1", 500).await.unwrap();
+        store.revoke_token("jti-1", 100).await.unwrap();
+        assert!(store.mark_token_used("jti-2", 500).await.unwrap());
+        store
+            .append_audit(&AuditEvent {
+                id: 0,
+                time: 1,
+                actor: "a".into(),
+                action: "b".into(),
+                target: "c".into(),
+                client_addr: None,
+            })
+            .await
+            .unwrap();
+        store.prune(10_000).await.unwrap();
+        store.heartbeat(&node("node-a", 100)).await.unwrap();
+        store.heartbeat(&node("node-a", 105)).await.unwrap();
+        store
+            .heartbeat(&NodeRecord {
+                advertise_addr: "10.0.0.6".to_owned(),
+                ..node("node-a", 110)
+            })
+            .await
+            .unwrap();
+        store.mark_node_lost("node-a", 200, 300).await.unwrap();
+        store.revoke_token("sentinel", 1).await.unwrap();
+
+        let expected = vec![
+            Change::SigningKeyAdded { kid: "k1".into() },
+            Change::CredentialRevoked {
+                id: "cred_a".into(),
+            },
+            Change::SandboxChanged {
+                id: "sbxfeed".into(),
+            },
+            Change::SandboxChanged {
+                id: "sbxfeed".into(),
+            },
+            Change::TokenRevoked {
+                jti: "jti-1".into(),
+                exp: 500,
+            },
+            Change::TokenRevoked {
+                jti: "jti-1".into(),
+                exp: 500,
+            },
+            Change::NodeChanged {
+                name: "node-a".into(),
+            },
+            Change::NodeChanged {
+                name: "node-a".into(),
+            },
+            Change::SandboxChanged {
+                id: "sbxfeed".into(),
+            },
+            Change::TokenRevoked {
+                jti: "sentinel".into(),
+                exp: 1,
+            },
+        ];
+        let mut seen = Vec::new();
+        while seen.len() < expected.len() {
+            seen.push(next_change(&mut rx).await);
+        }
+        assert_eq!(seen, expected);
+        // Nothing after the sentinel.
+        let extra = tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv()).await;
+        assert!(extra.is_err(), "unexpected change: {extra:?}");
     }
 }
 

@@ -4,20 +4,26 @@
 //! stalls a runtime worker. A single connection is enough: the gateway reads its hot state
 //! (routes, revocations, keys) from memory and writes here only on control-plane events.
 //! Lists and maps live in JSON text columns; times are integer Unix seconds.
+//!
+//! Its change feed ([`Store::changes`]) is in-process: it announces the writes made through this
+//! store value and its clones, which on a single node are all of them.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
+use tokio::sync::broadcast;
 
-use super::{
-    AuditEvent, BoxError, CredentialRecord, SandboxRecord, SandboxStatus, Store, StoreError,
-    StoredSigningKey, EXPIRED_TOKEN_GRACE_SECS,
+use super::columns::{
+    scopes_json, CredentialRow, SandboxParams, SandboxRow, CREDENTIAL_COLUMNS, SANDBOX_COLUMNS,
 };
-use crate::credential::{Scope, SecretHash};
+use super::{
+    AuditEvent, BoxError, Change, CredentialRecord, NodeRecord, SandboxRecord, SandboxStatus,
+    Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY, EXPIRED_TOKEN_GRACE_SECS,
+};
+use crate::credential::SecretHash;
 
 /// Schema migrations, applied in order; version N is `MIGRATIONS[N - 1]`. Append only: a shipped
 /// migration is never edited, because databases in the field have already run it.
@@ -79,18 +85,30 @@ const MIGRATIONS: &[&str] = &[
      ) STRICT;",
     // 2: process sandboxes remember their process group and limits.
     "ALTER TABLE sandboxes ADD COLUMN process TEXT NOT NULL DEFAULT '{}';",
+    // 3: cluster nodes and their heartbeats; finding a node's sandboxes when it is lost.
+    "CREATE TABLE nodes (
+        name           TEXT PRIMARY KEY,
+        advertise_addr TEXT NOT NULL,
+        runs_sandboxes INTEGER NOT NULL,
+        version        TEXT NOT NULL,
+        started_at     INTEGER NOT NULL,
+        last_heartbeat INTEGER NOT NULL
+     ) STRICT;
+     CREATE INDEX sandboxes_by_node ON sandboxes (node) WHERE node IS NOT NULL;",
 ];
 
 /// How long a statement waits for a lock held by another connection (another `sandgate`
 /// process on the same file, e.g. `sandgate keys rotate`) before giving up as `Unavailable`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// SQLite-backed [`Store`]. Cheap to clone: clones share the connection.
+/// SQLite-backed [`Store`]. Cheap to clone: clones share the connection and the change feed.
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// Where the file is, for log lines; `None` in memory.
     path: Option<PathBuf>,
+    /// The in-process change feed; sent to after each commit.
+    changes: broadcast::Sender<Change>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -118,6 +136,7 @@ impl SqliteStore {
         let store = SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             path: Some(path.to_owned()),
+            changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
         };
         store.migrate()?;
         Ok(store)
@@ -130,6 +149,7 @@ impl SqliteStore {
         let store = SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             path: None,
+            changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
         };
         store.migrate()?;
         Ok(store)
@@ -178,6 +198,12 @@ impl SqliteStore {
         }
         tx.commit().map_err(classify)?;
         Ok(())
+    }
+
+    /// Tells the feed's receivers, if any, about a committed change.
+    fn announce(&self, change: Change) {
+        // No receiver is not an error: nobody needs to know.
+        let _ = self.changes.send(change);
     }
 
     /// Runs `f` on the connection in the blocking pool.
@@ -297,44 +323,6 @@ fn classify_insert(e: rusqlite::Error, what: impl FnOnce() -> String) -> StoreEr
     }
 }
 
-fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
-    // Serializing our own record types cannot fail (string keys or integer keys, no
-    // non-finite floats in `serde_json::Value`); report it as a bug if it ever does.
-    serde_json::to_string(value).map_err(|e| StoreError::Backend(Box::new(e)))
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(
-    table: &str,
-    column: &str,
-    text: &str,
-) -> Result<T, StoreError> {
-    serde_json::from_str(text)
-        .map_err(|e| StoreError::Corrupt(format!("{table}.{column} is not valid JSON: {e}")))
-}
-
-fn hash_from_blob(bytes: Vec<u8>) -> Result<SecretHash, StoreError> {
-    let len = bytes.len();
-    <[u8; 32]>::try_from(bytes).map(SecretHash).map_err(|_| {
-        StoreError::Corrupt(format!("credentials.secret_hash has {len} bytes, not 32"))
-    })
-}
-
-const CREDENTIAL_COLUMNS: &str =
-    "id, name, scopes, secret_hash, created_at, expires_at, max_token_ttl_secs, revoked_at";
-
-/// The raw columns of a credential row, decoded in two steps so that rusqlite errors and our
-/// own decoding errors both keep their kinds.
-struct CredentialRow {
-    id: String,
-    name: String,
-    scopes: String,
-    secret_hash: Vec<u8>,
-    created_at: i64,
-    expires_at: Option<i64>,
-    max_token_ttl_secs: Option<i64>,
-    revoked_at: Option<i64>,
-}
-
 impl CredentialRow {
     fn read(r: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(CredentialRow {
@@ -348,59 +336,6 @@ impl CredentialRow {
             revoked_at: r.get(7)?,
         })
     }
-
-    fn decode(self) -> Result<CredentialRecord, StoreError> {
-        let names: Vec<String> = from_json("credentials", "scopes", &self.scopes)?;
-        let scopes = names
-            .iter()
-            .map(|name| {
-                Scope::parse(name).ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "credential {} has unknown scope {name:?}",
-                        self.id
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(CredentialRecord {
-            id: self.id,
-            name: self.name,
-            scopes,
-            secret_hash: hash_from_blob(self.secret_hash)?,
-            created_at: self.created_at,
-            expires_at: self.expires_at,
-            max_token_ttl_secs: self.max_token_ttl_secs,
-            revoked_at: self.revoked_at,
-        })
-    }
-}
-
-fn scopes_json(scopes: &[Scope]) -> Result<String, StoreError> {
-    to_json(&scopes.iter().map(Scope::as_str).collect::<Vec<_>>())
-}
-
-const SANDBOX_COLUMNS: &str = "id, owner, status, ports, upstream, command, env, cors_origins, \
-     rewrite_host, metadata, created_at, expires_at, ended_at, host_ports, node, detail, process";
-
-/// Raw sandbox columns; see [`CredentialRow`] for why decoding is two-step.
-struct SandboxRow {
-    id: String,
-    owner: String,
-    status: String,
-    ports: String,
-    upstream: Option<String>,
-    command: Option<String>,
-    env: String,
-    cors_origins: String,
-    rewrite_host: bool,
-    metadata: String,
-    created_at: i64,
-    expires_at: Option<i64>,
-    ended_at: Option<i64>,
-    host_ports: String,
-    node: Option<String>,
-    detail: Option<String>,
-    process: String,
 }
 
 impl SandboxRow {
@@ -425,86 +360,9 @@ impl SandboxRow {
             process: r.get(16)?,
         })
     }
-
-    fn decode(self) -> Result<SandboxRecord, StoreError> {
-        const T: &str = "sandboxes";
-        let status = SandboxStatus::parse(&self.status).ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "sandbox {} has unknown status {:?}",
-                self.id, self.status
-            ))
-        })?;
-        Ok(SandboxRecord {
-            status,
-            ports: from_json(T, "ports", &self.ports)?,
-            upstream: self.upstream,
-            command: self
-                .command
-                .as_deref()
-                .map(|c| from_json(T, "command", c))
-                .transpose()?,
-            env: from_json(T, "env", &self.env)?,
-            cors_origins: from_json(T, "cors_origins", &self.cors_origins)?,
-            rewrite_host: self.rewrite_host,
-            metadata: from_json(T, "metadata", &self.metadata)?,
-            created_at: self.created_at,
-            expires_at: self.expires_at,
-            ended_at: self.ended_at,
-            host_ports: from_json::<BTreeMap<u16, u16>>(T, "host_ports", &self.host_ports)?,
-            node: self.node,
-            detail: self.detail,
-            process: from_json(T, "process", &self.process)?,
-            id: self.id,
-            owner: self.owner,
-        })
-    }
-}
-
-/// A sandbox's columns encoded for binding, in [`SANDBOX_COLUMNS`] order. Encoded on the async
-/// side so that the blocking closure owns plain values.
-struct SandboxParams {
-    id: String,
-    owner: String,
-    status: &'static str,
-    ports: String,
-    upstream: Option<String>,
-    command: Option<String>,
-    env: String,
-    cors_origins: String,
-    rewrite_host: bool,
-    metadata: String,
-    created_at: i64,
-    expires_at: Option<i64>,
-    ended_at: Option<i64>,
-    host_ports: String,
-    node: Option<String>,
-    detail: Option<String>,
-    process: String,
 }
 
 impl SandboxParams {
-    fn encode(s: &SandboxRecord) -> Result<Self, StoreError> {
-        Ok(SandboxParams {
-            id: s.id.clone(),
-            owner: s.owner.clone(),
-            status: s.status.as_str(),
-            ports: to_json(&s.ports)?,
-            upstream: s.upstream.clone(),
-            command: s.command.as_ref().map(to_json).transpose()?,
-            env: to_json(&s.env)?,
-            cors_origins: to_json(&s.cors_origins)?,
-            rewrite_host: s.rewrite_host,
-            metadata: to_json(&s.metadata)?,
-            created_at: s.created_at,
-            expires_at: s.expires_at,
-            ended_at: s.ended_at,
-            host_ports: to_json(&s.host_ports)?,
-            node: s.node.clone(),
-            detail: s.detail.clone(),
-            process: to_json(&s.process)?,
-        })
-    }
-
     /// Executes `sql`, which must bind ?1..?17 in [`SANDBOX_COLUMNS`] order.
     fn execute(&self, conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
         conn.execute(
@@ -567,6 +425,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_signing_key(&self, key: &StoredSigningKey) -> Result<(), StoreError> {
+        let kid = key.kid.clone();
         let key = key.clone();
         self.call(move |conn| {
             conn.execute(
@@ -578,7 +437,9 @@ impl Store for SqliteStore {
             })?;
             Ok(())
         })
-        .await
+        .await?;
+        self.announce(Change::SigningKeyAdded { kid });
+        Ok(())
     }
 
     async fn insert_credential(&self, c: &CredentialRecord) -> Result<(), StoreError> {
@@ -656,17 +517,22 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_credential(&self, id: &str, at: i64) -> Result<bool, StoreError> {
-        let id = id.to_owned();
-        self.call(move |conn| {
-            let changed = conn
-                .execute(
-                    "UPDATE credentials SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                    params![id, at],
-                )
-                .map_err(classify)?;
-            Ok(changed == 1)
-        })
-        .await
+        let owned = id.to_owned();
+        let revoked = self
+            .call(move |conn| {
+                let changed = conn
+                    .execute(
+                        "UPDATE credentials SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                        params![owned, at],
+                    )
+                    .map_err(classify)?;
+                Ok(changed == 1)
+            })
+            .await?;
+        if revoked {
+            self.announce(Change::CredentialRevoked { id: id.to_owned() });
+        }
+        Ok(revoked)
     }
 
     async fn insert_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError> {
@@ -682,7 +548,9 @@ impl Store for SqliteStore {
             .map_err(|e| classify_insert(e, || format!("sandbox {} already exists", row.id)))?;
             Ok(())
         })
-        .await
+        .await?;
+        self.announce(Change::SandboxChanged { id: s.id.clone() });
+        Ok(())
     }
 
     async fn update_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError> {
@@ -703,7 +571,9 @@ impl Store for SqliteStore {
             }
             Ok(())
         })
-        .await
+        .await?;
+        self.announce(Change::SandboxChanged { id: s.id.clone() });
+        Ok(())
     }
 
     async fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
@@ -734,19 +604,26 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_token(&self, jti: &str, exp: i64) -> Result<(), StoreError> {
-        let jti = jti.to_owned();
-        self.call(move |conn| {
-            // Keep the later expiry if the same jti is revoked twice with different values, so a
-            // revocation never shortens.
-            conn.execute(
-                "INSERT INTO revoked_tokens (jti, exp) VALUES (?1, ?2)
-                 ON CONFLICT (jti) DO UPDATE SET exp = MAX(exp, excluded.exp)",
-                params![jti, exp],
-            )
-            .map_err(classify)?;
-            Ok(())
-        })
-        .await
+        let owned = jti.to_owned();
+        let exp = self
+            .call(move |conn| {
+                // Keep the later expiry if the same jti is revoked twice with different values,
+                // so a revocation never shortens.
+                conn.query_row(
+                    "INSERT INTO revoked_tokens (jti, exp) VALUES (?1, ?2)
+                     ON CONFLICT (jti) DO UPDATE SET exp = MAX(exp, excluded.exp)
+                     RETURNING exp",
+                    params![owned, exp],
+                    |r| r.get(0),
+                )
+                .map_err(classify)
+            })
+            .await?;
+        self.announce(Change::TokenRevoked {
+            jti: jti.to_owned(),
+            exp,
+        });
+        Ok(())
     }
 
     async fn revoked_tokens(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
@@ -865,6 +742,139 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn heartbeat(&self, node: &NodeRecord) -> Result<(), StoreError> {
+        let node = node.clone();
+        let name = node.name.clone();
+        let changed = self
+            .call(move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(classify)?;
+                let before = tx
+                    .query_row(
+                        &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1"),
+                        [&node.name],
+                        read_node,
+                    )
+                    .optional()
+                    .map_err(classify)?;
+                tx.execute(
+                    &format!(
+                        "INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (name) DO UPDATE SET advertise_addr = excluded.advertise_addr,
+                            runs_sandboxes = excluded.runs_sandboxes, version = excluded.version,
+                            started_at = excluded.started_at,
+                            last_heartbeat = excluded.last_heartbeat"
+                    ),
+                    params![
+                        node.name,
+                        node.advertise_addr,
+                        node.runs_sandboxes,
+                        node.version,
+                        node.started_at,
+                        node.last_heartbeat,
+                    ],
+                )
+                .map_err(classify)?;
+                tx.commit().map_err(classify)?;
+                Ok(before.is_none_or(|b| !b.same_announcement(&node)))
+            })
+            .await?;
+        if changed {
+            self.announce(Change::NodeChanged { name });
+        }
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY name"))
+                .map_err(classify)?;
+            let rows = stmt.query_map([], read_node).map_err(classify)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(classify)
+        })
+        .await
+    }
+
+    async fn mark_node_lost(
+        &self,
+        name: &str,
+        heartbeat_before: i64,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let name = name.to_owned();
+        let lost = self
+            .call(move |conn| {
+                // IMMEDIATE takes the write lock first, so the heartbeat check and the updates
+                // see one state even when another process races on the same file.
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(classify)?;
+                let last: Option<i64> = tx
+                    .query_row(
+                        "SELECT last_heartbeat FROM nodes WHERE name = ?1",
+                        [&name],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(classify)?;
+                if last.is_none_or(|last| last >= heartbeat_before) {
+                    return Ok(Vec::new());
+                }
+                let mut live = Vec::new();
+                {
+                    let mut stmt = tx
+                        .prepare_cached("SELECT id, status FROM sandboxes WHERE node = ?1")
+                        .map_err(classify)?;
+                    let rows = stmt
+                        .query_map([&name], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                        .map_err(classify)?;
+                    for row in rows {
+                        let (id, status) = row.map_err(classify)?;
+                        // An unreadable status is left for `sandboxes()` to report as corrupt.
+                        if SandboxStatus::parse(&status).is_some_and(|s| s.is_live()) {
+                            live.push(id);
+                        }
+                    }
+                }
+                let detail = super::lost_detail(&name);
+                for id in &live {
+                    tx.execute(
+                        "UPDATE sandboxes SET status = ?2, ended_at = ?3, detail = ?4 WHERE id = ?1",
+                        params![id, SandboxStatus::Lost.as_str(), now, detail],
+                    )
+                    .map_err(classify)?;
+                }
+                tx.commit().map_err(classify)?;
+                live.sort();
+                Ok(live)
+            })
+            .await?;
+        for id in &lost {
+            self.announce(Change::SandboxChanged { id: id.clone() });
+        }
+        Ok(lost)
+    }
+
+    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        Some(self.changes.subscribe())
+    }
+}
+
+const NODE_COLUMNS: &str =
+    "name, advertise_addr, runs_sandboxes, version, started_at, last_heartbeat";
+
+fn read_node(r: &Row<'_>) -> rusqlite::Result<NodeRecord> {
+    Ok(NodeRecord {
+        name: r.get(0)?,
+        advertise_addr: r.get(1)?,
+        runs_sandboxes: r.get(2)?,
+        version: r.get(3)?,
+        started_at: r.get(4)?,
+        last_heartbeat: r.get(5)?,
+    })
 }
 
 #[cfg(test)]
@@ -872,6 +882,7 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use crate::store::conformance::{self, conformance_tests, Fixture};
+    use crate::store::ProcessInfo;
 
     impl Fixture for SqliteStore {
         fn store(&self) -> &dyn Store {
@@ -1013,6 +1024,60 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let _store = SqliteStore::open(&path).unwrap();
         assert_eq!(mode(&path), 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_cluster_mode_migrates() {
+        // A file as the previous release left it: migrations 1 and 2 only.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sandgate.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (
+                    version    INTEGER PRIMARY KEY,
+                    applied_at INTEGER NOT NULL
+                 ) STRICT",
+            )
+            .unwrap();
+            for (version, sql) in (1i64..).zip(&MIGRATIONS[..2]) {
+                conn.execute_batch(sql).unwrap();
+                conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?1, 0)",
+                    [version],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO sandboxes (id, owner, status, ports, env, cors_origins, rewrite_host,
+                    metadata, created_at, host_ports, node)
+                 VALUES ('sbxold', 'cred_a', 'running', '[80]', '{}', '[]', 0, 'null', 5, '{}',
+                    'node-a')",
+                [],
+            )
+            .unwrap();
+        }
+
+        let store = SqliteStore::open(&path).unwrap();
+        let old = store.sandbox("sbxold").await.unwrap().unwrap();
+        assert_eq!(old.node.as_deref(), Some("node-a"));
+        assert_eq!(old.process, ProcessInfo::default());
+        store
+            .heartbeat(&conformance::node("node-a", 10))
+            .await
+            .unwrap();
+        assert_eq!(store.nodes().await.unwrap().len(), 1);
+        assert_eq!(
+            store.mark_node_lost("node-a", 11, 20).await.unwrap(),
+            vec!["sbxold".to_owned()]
+        );
+        let version: i64 = store
+            .conn
+            .lock()
+            .unwrap()
+            .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
     }
 
     #[test]
