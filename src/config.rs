@@ -88,6 +88,7 @@ struct RawGateway {
     max_connections_per_sandbox: usize,
     h2_max_concurrent_streams: u32,
     websocket_idle_timeout_secs: u64,
+    workers: usize,
 }
 
 impl Default for RawGateway {
@@ -110,6 +111,7 @@ impl Default for RawGateway {
             max_connections_per_sandbox: 4_096,
             h2_max_concurrent_streams: 256,
             websocket_idle_timeout_secs: 600,
+            workers: 0,
         }
     }
 }
@@ -293,6 +295,10 @@ pub struct GatewayConfig {
     pub h2_max_concurrent_streams: u32,
     /// A WebSocket (or any upgraded tunnel) with no traffic either way for this long closes.
     pub websocket_idle_timeout: Duration,
+    /// Data-plane workers: one single-threaded runtime and one listening socket each
+    /// (`SO_REUSEPORT`), so a connection and its upstream stay on one core. `0` in the file
+    /// means one per available core.
+    pub workers: usize,
 }
 
 /// The plain-HTTP loopback listener for metrics and health, and logging.
@@ -461,6 +467,10 @@ impl Config {
                 "gateway.websocket_idle_timeout_secs",
                 g.websocket_idle_timeout_secs,
             )?,
+            workers: match g.workers {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n.min(1024),
+            },
         };
 
         let t = raw.telemetry;

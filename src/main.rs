@@ -339,14 +339,18 @@ async fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
         None => tracing::info!("no config file found; running on built-in defaults"),
     }
-    let listeners = Listeners::bind(config.gateway.listen, config.telemetry.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} / {} (is another sandgate running?)",
-                config.gateway.listen, config.telemetry.listen
-            )
-        })?;
+    let listeners = Listeners::bind(
+        config.gateway.listen,
+        config.telemetry.listen,
+        config.gateway.workers,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot listen on {} / {} (is another sandgate running?)",
+            config.gateway.listen, config.telemetry.listen
+        )
+    })?;
     let gw = Gateway::open(config).await?;
     let cfg = &gw.config;
     let port = if cfg.gateway.public_port == 443 {

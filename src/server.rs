@@ -24,20 +24,55 @@ use crate::unix_now;
 /// The sockets a gateway serves on, bound by the caller.
 #[derive(Debug)]
 pub struct Listeners {
-    /// The TLS listener: control API and sandbox traffic.
-    pub gateway: TcpListener,
+    /// The TLS listening sockets, all on one address: one per data-plane worker, bound with
+    /// `SO_REUSEPORT` so the kernel spreads new connections across the workers.
+    pub gateway: Vec<std::net::TcpListener>,
     /// Plain-HTTP loopback listener: `/metrics`, `/healthz`, `/readyz`.
     pub telemetry: TcpListener,
 }
 
 impl Listeners {
-    /// Binds the addresses from the config.
-    pub async fn bind(gateway: SocketAddr, telemetry: SocketAddr) -> std::io::Result<Listeners> {
+    /// Binds the addresses from the config, with `workers` sockets for the gateway address.
+    ///
+    /// `SO_REUSEPORT` would also let a second process of the same user join the port and take
+    /// a share of its connections, so the address is first claimed without it: if anything
+    /// holds it, binding fails here with `AddrInUse`.
+    pub async fn bind(
+        gateway: SocketAddr,
+        telemetry: SocketAddr,
+        workers: usize,
+    ) -> std::io::Result<Listeners> {
+        let addr = {
+            let probe = std::net::TcpListener::bind(gateway)?;
+            probe.local_addr()?
+        };
+        let gateway = (0..workers.max(1))
+            .map(|_| reuseport_listener(addr))
+            .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Listeners {
-            gateway: TcpListener::bind(gateway).await?,
+            gateway,
             telemetry: TcpListener::bind(telemetry).await?,
         })
     }
+
+    /// The address the gateway sockets are bound to.
+    pub fn gateway_addr(&self) -> std::io::Result<SocketAddr> {
+        match self.gateway.first() {
+            Some(l) => l.local_addr(),
+            None => Err(std::io::Error::other("no gateway listener")),
+        }
+    }
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 /// Why serving stopped with an error.
@@ -46,48 +81,161 @@ pub enum ServerError {
     /// The TLS configuration could not be built.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// A worker thread or its runtime could not be started.
+    #[error("could not start a data-plane worker: {0}")]
+    Worker(#[source] std::io::Error),
+}
+
+/// What every data-plane worker shares.
+struct Shared {
+    gw: Arc<Gateway>,
+    acceptor: TlsAcceptor,
+    protocols: Protocols,
+    limits: Arc<Limits>,
+    api: axum::Router,
+    /// Cancelled when shutdown starts: stop accepting, finish what is in flight.
+    draining: CancellationToken,
+    /// Cancelled when the drain deadline passes: whatever is still open closes.
+    hard_stop: CancellationToken,
+    /// Cancelled last, once the process driver has stopped its sandboxes: workers' runtimes
+    /// (which host tasks spawned by requests, such as sandbox supervisors) may end.
+    release: CancellationToken,
 }
 
 /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
 /// within `[gateway] shutdown_grace_secs`, and returns.
+///
+/// Each gateway socket gets a worker: an OS thread with a single-threaded tokio runtime that
+/// accepts, terminates TLS and proxies through its own upstream pool. A request never crosses
+/// threads, which is what lets the proxy keep up with HAProxy (see PERFORMANCE in the README).
+/// Maintenance and telemetry run on the caller's runtime.
 pub async fn run(
     gw: Arc<Gateway>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let cfg = gw.config.gateway.clone();
-    let acceptor = TlsAcceptor::from(crate::tls::server_config(Arc::clone(&gw.certs))?);
-    let draining = CancellationToken::new();
-    let hard_stop = CancellationToken::new();
-    let api = crate::api::router(Arc::clone(&gw));
-    let proxy = Arc::new(Proxy::new(Arc::clone(&gw), api, hard_stop.clone()));
-    let tasks = TaskTracker::new();
+    let shared = Arc::new(Shared {
+        acceptor: TlsAcceptor::from(crate::tls::server_config(Arc::clone(&gw.certs))?),
+        protocols: Protocols::new(&cfg),
+        limits: Arc::new(Limits {
+            total: Arc::new(Semaphore::new(cfg.max_connections)),
+            per_ip: DashMap::default(),
+            max_per_ip: cfg.max_connections_per_ip,
+        }),
+        api: crate::api::router(Arc::clone(&gw)),
+        draining: CancellationToken::new(),
+        hard_stop: CancellationToken::new(),
+        release: CancellationToken::new(),
+        gw: Arc::clone(&gw),
+    });
 
-    let background = spawn_maintenance(Arc::clone(&gw), draining.clone());
+    let background = spawn_maintenance(Arc::clone(&gw), shared.draining.clone());
     let telemetry = tokio::spawn(crate::api::serve_telemetry(
         Arc::clone(&gw),
         listeners.telemetry,
-        draining.clone(),
+        shared.draining.clone(),
     ));
 
-    let builder = Arc::new(Protocols::new(&cfg));
-
-    let limits = Arc::new(Limits {
-        total: Arc::new(Semaphore::new(cfg.max_connections)),
-        per_ip: DashMap::default(),
-        max_per_ip: cfg.max_connections_per_ip,
-    });
-
+    let addr = listeners.gateway.first().and_then(|l| l.local_addr().ok());
+    let mut workers = Vec::with_capacity(listeners.gateway.len());
+    let mut drained = Vec::with_capacity(listeners.gateway.len());
+    for (index, listener) in listeners.gateway.into_iter().enumerate() {
+        let (done, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        let for_worker = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("sandgate-worker-{index}"))
+            .spawn(move || worker(listener, for_worker, done));
+        match thread {
+            Ok(t) => {
+                workers.push(t);
+                drained.push(drained_rx);
+            }
+            Err(err) => {
+                shared.draining.cancel();
+                shared.hard_stop.cancel();
+                shared.release.cancel();
+                return Err(ServerError::Worker(err));
+            }
+        }
+    }
     tracing::info!(
-        listen = %listeners.gateway.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        listen = %addr.map(|a| a.to_string()).unwrap_or_default(),
         base_domain = %cfg.base_domain,
+        workers = workers.len(),
         "gateway listening"
     );
-    tokio::pin!(shutdown);
+
+    shutdown.await;
+    tracing::info!(
+        grace_secs = cfg.shutdown_grace.as_secs(),
+        "shutting down: draining connections"
+    );
+    shared.draining.cancel();
+    let all_drained = futures_util::future::join_all(drained);
+    if tokio::time::timeout(cfg.shutdown_grace, all_drained)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed; closing remaining connections");
+    }
+    shared.hard_stop.cancel();
+    if let Some(driver) = &gw.driver {
+        driver.shutdown().await;
+    }
+    shared.release.cancel();
+    let _ = tokio::task::spawn_blocking(move || {
+        for w in workers {
+            let _ = w.join();
+        }
+    })
+    .await;
+    background.abort();
+    let _ = telemetry.await;
+    Ok(())
+}
+
+/// One data-plane worker: its own runtime, listener, upstream pool and connections.
+fn worker(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    done: tokio::sync::oneshot::Sender<()>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            tracing::error!(error = %err, "could not start a worker runtime");
+            return;
+        }
+    };
+    runtime.block_on(async {
+        match TcpListener::from_std(listener) {
+            Ok(listener) => accept_loop(listener, &shared).await,
+            Err(err) => tracing::error!(error = %err, "could not register a listener"),
+        }
+        let _ = done.send(());
+        shared.release.cancelled().await;
+    });
+    // Tasks still parked here (a tunnel past the deadline, say) are dropped now.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// Accepts until draining starts, then waits for this worker's connections (or the deadline).
+async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
+    let gw = &shared.gw;
+    let proxy = Arc::new(Proxy::new(
+        Arc::clone(gw),
+        shared.api.clone(),
+        shared.hard_stop.clone(),
+    ));
+    let tasks = TaskTracker::new();
     loop {
         let (tcp, remote) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listeners.gateway.accept() => match accepted {
+            _ = shared.draining.cancelled() => break,
+            accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -97,7 +245,7 @@ pub async fn run(
                 }
             },
         };
-        let Some(slot) = limits.admit(remote.ip()) else {
+        let Some(slot) = shared.limits.admit(remote.ip()) else {
             gw.metrics.connections_refused.inc();
             drop(tcp);
             continue;
@@ -107,47 +255,31 @@ pub async fn run(
             tcp,
             remote,
             slot,
-            acceptor.clone(),
-            Arc::clone(&builder),
+            Arc::clone(shared),
             Arc::clone(&proxy),
-            Arc::clone(&gw),
-            draining.clone(),
         ));
     }
-
-    tracing::info!(
-        grace_secs = cfg.shutdown_grace.as_secs(),
-        "shutting down: draining connections"
-    );
-    drop(listeners.gateway);
-    draining.cancel();
+    drop(listener);
     tasks.close();
-    if tokio::time::timeout(cfg.shutdown_grace, tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain deadline passed; closing remaining connections");
+    tokio::select! {
+        _ = tasks.wait() => {}
+        _ = shared.hard_stop.cancelled() => {}
     }
-    hard_stop.cancel();
-    if let Some(driver) = &gw.driver {
-        driver.shutdown().await;
-    }
-    background.abort();
-    let _ = telemetry.await;
-    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     tcp: TcpStream,
     remote: SocketAddr,
     slot: Slot,
-    acceptor: TlsAcceptor,
-    builder: Arc<Protocols>,
+    shared: Arc<Shared>,
     proxy: Arc<Proxy>,
-    gw: Arc<Gateway>,
-    draining: CancellationToken,
 ) {
+    let (gw, acceptor, builder, draining) = (
+        &shared.gw,
+        &shared.acceptor,
+        &shared.protocols,
+        &shared.draining,
+    );
     let handshake_timeout = gw.config.gateway.handshake_timeout;
     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,

@@ -69,11 +69,11 @@ impl TestGateway {
         let config_path = dir.join("sandgate.toml");
         std::fs::write(&config_path, toml).expect("write config");
         let config = Config::load(&config_path).expect("config");
-        let listeners = Listeners {
-            gateway: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-            telemetry: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-        };
-        let addr = listeners.gateway.local_addr().expect("addr");
+        let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let listeners = Listeners::bind(loopback, loopback, config.gateway.workers)
+            .await
+            .expect("bind");
+        let addr = listeners.gateway_addr().expect("addr");
         let telemetry = listeners.telemetry.local_addr().expect("addr");
         let gw = Gateway::open(config).await.expect("gateway opens");
         let admin_key = std::fs::read_to_string(gw.config.store.admin_key_path())
