@@ -5,6 +5,7 @@
 //! unbounded reaches a label.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -31,6 +32,7 @@ pub fn init_tracing(level: &str, json: bool) {
 
 /// What kind of traffic a request was.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+#[repr(usize)]
 pub enum RouteKind {
     /// `<port>-<id>.<base_domain>`
     Sandbox,
@@ -43,6 +45,13 @@ pub enum RouteKind {
 }
 
 impl RouteKind {
+    const ALL: [RouteKind; 4] = [
+        RouteKind::Sandbox,
+        RouteKind::Header,
+        RouteKind::Api,
+        RouteKind::Other,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RouteKind::Sandbox => "sandbox",
@@ -82,7 +91,14 @@ pub struct Metrics {
     pub connections_refused: Counter,
     pub revoked_connections: Counter,
     pub upgrades: Counter<u64, AtomicU64>,
+    /// Handles into `requests` and `latency`, resolved once: the families hash their labels
+    /// and take a lock on every lookup, which the hot path should not pay per request.
+    request_counters: Box<[OnceLock<Counter>]>,
+    latency_by_route: [Histogram; RouteKind::ALL.len()],
 }
+
+/// Status codes 100..=599 have a slot each, per route kind.
+const STATUS_SLOTS: usize = 500;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -143,7 +159,13 @@ impl Metrics {
             "Protocol upgrades (WebSocket) tunnelled",
             upgrades.clone(),
         );
+        let latency_by_route =
+            RouteKind::ALL.map(|route| latency.get_or_create(&RouteLabels { route }).clone());
         Metrics {
+            request_counters: (0..RouteKind::ALL.len() * STATUS_SLOTS)
+                .map(|_| OnceLock::new())
+                .collect(),
+            latency_by_route,
             registry,
             requests,
             latency,
@@ -158,12 +180,20 @@ impl Metrics {
 
     /// Counts one answered request.
     pub fn observe(&self, route: RouteKind, status: u16, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels { route, status })
-            .inc();
-        self.latency
-            .get_or_create(&RouteLabels { route })
-            .observe(elapsed.as_secs_f64());
+        let labels = || RequestLabels { route, status };
+        match usize::from(status)
+            .checked_sub(100)
+            .filter(|&s| s < STATUS_SLOTS)
+            .and_then(|s| self.request_counters.get(route as usize * STATUS_SLOTS + s))
+        {
+            Some(slot) => slot
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.requests.get_or_create(&labels()).inc(),
+        };
+        if let Some(h) = self.latency_by_route.get(route as usize) {
+            h.observe(elapsed.as_secs_f64());
+        }
     }
 
     /// The Prometheus text exposition.
