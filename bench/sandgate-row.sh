@@ -42,6 +42,7 @@ exec "$SANDGATE_BIN" serve --config "$SANDGATE_BENCH_STATE/sandgate.toml"'"'"
 
 # Once it is up: register the backend as a sandbox, mint a 1-hour token, name the route.
 export OURS_TOKEN_CMD='
+  for _ in $(seq 100); do [ -s "$SANDGATE_BENCH_STATE/data/admin.key" ] && break; sleep 0.1; done
   key=$(cat "$SANDGATE_BENCH_STATE/data/admin.key")
   api() { curl -sk --fail-with-body -H "Authorization: Bearer $key" \
             -H "Content-Type: application/json" "$@"; }

@@ -26,6 +26,7 @@ pub mod client;
 pub mod config;
 pub mod credential;
 pub mod error;
+pub mod front;
 pub mod gateway;
 pub mod proxy;
 pub mod sandbox;

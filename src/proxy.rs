@@ -266,6 +266,7 @@ impl Proxy {
             return Err(HttpError::token_missing());
         };
         let now = unix_now();
+        let epoch = self.gw.tokens.epoch();
         let claims = self.gw.tokens.verify(token, now)?;
         if claims.sbx != id || claims.port != port {
             return Err(HttpError::token_scope());
@@ -326,7 +327,7 @@ impl Proxy {
         }
         // A revocation between the checks above and the registration would miss this
         // connection; checking again after registering closes that window.
-        if self.gw.tokens.is_revoked(&claims.jti) {
+        if self.gw.tokens.revoked_since(&claims.jti, epoch) {
             return Err(token::TokenError::Revoked.into());
         }
         if !self.gw.routes.get(id).is_some_and(|r| r.live) {

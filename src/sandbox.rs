@@ -6,6 +6,7 @@
 
 pub mod process;
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -13,6 +14,7 @@ use http::uri::Authority;
 use http::HeaderValue;
 use rand::Rng;
 
+use crate::front::{Epoch, Front};
 use crate::store::{SandboxRecord, SandboxStatus};
 
 /// Length of a sandbox id: 24 characters of `[a-z0-9]` carry 124 bits of randomness.
@@ -47,7 +49,7 @@ pub struct PortTarget {
 }
 
 /// One sandbox's routing entry.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Route {
     pub id: String,
     pub owner: String,
@@ -116,6 +118,13 @@ impl Route {
 #[derive(Debug, Default)]
 pub struct Routes {
     map: DashMap<String, Arc<Route>, foldhash::fast::RandomState>,
+    /// Bumped after every change: guards each thread's front copy (see [`crate::front`]).
+    epoch: Epoch,
+}
+
+thread_local! {
+    /// This thread's copies of the routes it served lately.
+    static ROUTES: RefCell<Front<Arc<Route>>> = RefCell::new(Front::default());
 }
 
 impl Routes {
@@ -123,8 +132,16 @@ impl Routes {
         Routes::default()
     }
 
+    /// The route of sandbox `id`, from this thread's front copy when nothing changed since.
     pub fn get(&self, id: &str) -> Option<Arc<Route>> {
-        self.map.get(id).map(|r| Arc::clone(r.value()))
+        let seen = self.epoch.current();
+        if let Some(route) = Front::get(&ROUTES, &self.epoch, seen, id) {
+            return Some(route);
+        }
+        // A copy of its own, so this thread's hits touch no shared reference count.
+        let route = Arc::new(Route::clone(self.map.get(id)?.value()));
+        Front::put(&ROUTES, &self.epoch, seen, id, Arc::clone(&route));
+        Some(route)
     }
 
     /// Inserts or replaces the entry for a record.
@@ -137,6 +154,7 @@ impl Routes {
                 self.map.remove(&record.id);
             }
         }
+        self.epoch.bump();
     }
 
     /// Ids of live `upstream` sandboxes whose deadline has passed.
@@ -150,6 +168,7 @@ impl Routes {
 
     pub fn remove(&self, id: &str) {
         self.map.remove(id);
+        self.epoch.bump();
     }
 
     pub fn len(&self) -> usize {

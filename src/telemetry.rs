@@ -4,14 +4,17 @@
 //! kind, status code): never a host, path, token or sandbox id, so nothing secret and nothing
 //! unbounded reaches a label.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 /// Installs the global tracing subscriber. `RUST_LOG` overrides `level`.
@@ -31,6 +34,7 @@ pub fn init_tracing(level: &str, json: bool) {
 
 /// What kind of traffic a request was.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+#[repr(usize)]
 pub enum RouteKind {
     /// `<port>-<id>.<base_domain>`
     Sandbox,
@@ -43,6 +47,13 @@ pub enum RouteKind {
 }
 
 impl RouteKind {
+    const ALL: [RouteKind; 4] = [
+        RouteKind::Sandbox,
+        RouteKind::Header,
+        RouteKind::Api,
+        RouteKind::Other,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RouteKind::Sandbox => "sandbox",
@@ -75,14 +86,106 @@ struct RouteLabels {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    latency: Family<RouteLabels, Histogram>,
     pub open_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub connections_total: Counter,
     pub tls_handshake_failures: Counter,
     pub connections_refused: Counter,
     pub revoked_connections: Counter,
     pub upgrades: Counter<u64, AtomicU64>,
+    /// Handles into `requests` and `latency`, resolved once: the families hash their labels
+    /// and take a lock on every lookup, which the hot path should not pay per request.
+    request_counters: Box<[OnceLock<Counter>]>,
+    latency_by_route: [LatencyHistogram; RouteKind::ALL.len()],
 }
+
+/// Upper bounds of the latency buckets: 0.5 ms doubling to about 16 s.
+const LATENCY_BUCKETS: usize = 16;
+
+/// A latency histogram that records with atomics only, striped so that data-plane workers on
+/// different cores write different cache lines (the stock histogram takes a lock per
+/// observation, which every request on every core would contend for).
+#[derive(Debug, Clone, Default)]
+pub struct LatencyHistogram {
+    stripes: std::sync::Arc<[Stripe; STRIPES]>,
+}
+
+const STRIPES: usize = 8;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe {
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+}
+
+fn bucket_bound(i: usize) -> f64 {
+    0.0005 * f64::from(1u32 << i)
+}
+
+thread_local! {
+    /// The stripe this thread writes: threads are dealt stripes in turn.
+    static STRIPE: usize = {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        usize::try_from(NEXT.fetch_add(1, Ordering::Relaxed)).unwrap_or(0) % STRIPES
+    };
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let stripe = STRIPE.try_with(|s| *s).unwrap_or(0);
+        let Some(stripe) = self.stripes.get(stripe) else {
+            return;
+        };
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        stripe.count.fetch_add(1, Ordering::Relaxed);
+        stripe.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64();
+        if let Some(bucket) = (0..LATENCY_BUCKETS)
+            .find(|&i| secs <= bucket_bound(i))
+            .and_then(|i| stripe.buckets.get(i))
+        {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sum in seconds, count, and per-bucket (not cumulative) counts.
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut count = 0u64;
+        let mut nanos = 0u64;
+        let mut buckets: Vec<(f64, u64)> =
+            (0..LATENCY_BUCKETS).map(|i| (bucket_bound(i), 0)).collect();
+        for stripe in self.stripes.iter() {
+            count = count.wrapping_add(stripe.count.load(Ordering::Relaxed));
+            nanos = nanos.wrapping_add(stripe.sum_nanos.load(Ordering::Relaxed));
+            for (slot, b) in buckets.iter_mut().zip(&stripe.buckets) {
+                slot.1 = slot.1.wrapping_add(b.load(Ordering::Relaxed));
+            }
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let sum = nanos as f64 / 1e9;
+        (sum, count, buckets)
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = self.snapshot();
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// Status codes 100..=599 have a slot each, per route kind.
+const STATUS_SLOTS: usize = 500;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -99,9 +202,7 @@ impl Metrics {
             "Requests answered, by route kind and status",
             requests.clone(),
         );
-        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-        });
+        let latency = Family::<RouteLabels, LatencyHistogram>::default();
         registry.register(
             "request_duration_seconds",
             "Time to response headers, by route kind",
@@ -143,10 +244,15 @@ impl Metrics {
             "Protocol upgrades (WebSocket) tunnelled",
             upgrades.clone(),
         );
+        let latency_by_route =
+            RouteKind::ALL.map(|route| latency.get_or_create(&RouteLabels { route }).clone());
         Metrics {
+            request_counters: (0..RouteKind::ALL.len() * STATUS_SLOTS)
+                .map(|_| OnceLock::new())
+                .collect(),
+            latency_by_route,
             registry,
             requests,
-            latency,
             open_connections,
             connections_total,
             tls_handshake_failures,
@@ -158,12 +264,20 @@ impl Metrics {
 
     /// Counts one answered request.
     pub fn observe(&self, route: RouteKind, status: u16, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels { route, status })
-            .inc();
-        self.latency
-            .get_or_create(&RouteLabels { route })
-            .observe(elapsed.as_secs_f64());
+        let labels = || RequestLabels { route, status };
+        match usize::from(status)
+            .checked_sub(100)
+            .filter(|&s| s < STATUS_SLOTS)
+            .and_then(|s| self.request_counters.get(route as usize * STATUS_SLOTS + s))
+        {
+            Some(slot) => slot
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.requests.get_or_create(&labels()).inc(),
+        };
+        if let Some(h) = self.latency_by_route.get(route as usize) {
+            h.observe(elapsed);
+        }
     }
 
     /// The Prometheus text exposition.

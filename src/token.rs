@@ -72,6 +72,9 @@ const MAX_ID_LEN: usize = 256;
 
 type FastState = foldhash::fast::RandomState;
 
+use crate::front::{Epoch, Front};
+use std::cell::RefCell;
+
 /// Claims of a connect token.
 ///
 /// Deserialization is strict: unknown fields, duplicate fields, and wrongly typed values (such as
@@ -392,6 +395,14 @@ pub struct Authority {
     revoked: DashMap<Box<str>, i64, FastState>,
     /// Used single-use `jti` → the token's `exp`, likewise.
     used: DashMap<Box<str>, i64, FastState>,
+    /// Bumped after every revocation and key change: guards the per-thread front of `cache`
+    /// (see [`crate::front`]).
+    epoch: Epoch,
+}
+
+thread_local! {
+    /// This thread's verified tokens, in front of the shared cache.
+    static VERIFIED: RefCell<Front<Arc<Claims>>> = RefCell::new(Front::default());
 }
 
 impl fmt::Debug for Authority {
@@ -461,6 +472,7 @@ impl Authority {
             cache,
             revoked: DashMap::with_hasher(FastState::default()),
             used: DashMap::with_hasher(FastState::default()),
+            epoch: Epoch::default(),
         })
     }
 
@@ -477,6 +489,7 @@ impl Authority {
         if let Some(cache) = &self.cache {
             cache.clear();
         }
+        self.epoch.bump();
         Ok(())
     }
 
@@ -569,10 +582,22 @@ impl Authority {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLong);
         }
+        // Read before anything else: an entry that a revocation could have made wrong is
+        // cached under an older epoch and so never served from the front.
+        let seen = self.epoch.current();
+        if self.cache.is_some() {
+            if let Some(claims) = Front::get(&VERIFIED, &self.epoch, seen, token) {
+                self.check_time(&claims, now)?;
+                return Ok(claims);
+            }
+        }
         if let Some(claims) = self.cache.as_ref().and_then(|cache| cache.get(token)) {
             self.check_time(&claims, now)?;
             self.check_revoked(&claims)?;
-            return Ok(claims);
+            // A copy of its own, so this thread's hits touch no shared reference count.
+            let local = Arc::new((*claims).clone());
+            Front::put(&VERIFIED, &self.epoch, seen, token, Arc::clone(&local));
+            return Ok(local);
         }
 
         let keys = self.current_keys();
@@ -596,11 +621,24 @@ impl Authority {
             .entry(jti.into())
             .and_modify(|e| *e = (*e).max(exp))
             .or_insert(exp);
+        self.epoch.bump();
     }
 
     /// Whether `jti` has been revoked (and not yet pruned).
     pub fn is_revoked(&self, jti: &str) -> bool {
         self.revoked.contains_key(jti)
+    }
+
+    /// The revocation epoch: read it before [`Authority::verify`], and pass it to
+    /// [`Authority::revoked_since`] to ask cheaply whether the token was revoked since.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.current()
+    }
+
+    /// Whether `jti` is revoked, where `seen` is an [`Authority::epoch`] read before the token
+    /// was verified: while no revocation has happened since, no table is consulted.
+    pub fn revoked_since(&self, jti: &str, seen: u64) -> bool {
+        self.epoch.current() != seen && self.is_revoked(jti)
     }
 
     /// Records one use of the single-use token `jti`, expiring at `exp`. Returns `true` only
@@ -805,17 +843,50 @@ fn decode_header<'b>(segment: &str, buf: &'b mut [u8; HEADER_BUF_LEN]) -> Option
     (json.first() == Some(&b'{')).then_some(json)
 }
 
+/// The base64url text that every JOSE header [`Authority::sign`] writes starts with, cut at a
+/// whole number of 3-byte groups so it encodes the same whatever the `kid`. Empty (the fast
+/// path off) unless that prefix already says `"typ":"connect+jwt"`.
+static SIGNED_HEADER_PREFIX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let mut header = Header::new(ALG);
+    header.typ = Some(TOKEN_TYPE.to_owned());
+    header.kid = Some(String::new());
+    let Ok(json) = serde_json::to_vec(&header) else {
+        return String::new();
+    };
+    let Some(kid_at) = json.windows(7).position(|w| w == b"\"kid\":\"") else {
+        return String::new();
+    };
+    let cut = (kid_at + 7) - (kid_at + 7) % 3;
+    let typ = format!("\"typ\":\"{TOKEN_TYPE}\"");
+    let prefix = &json[..cut];
+    if !prefix.windows(typ.len()).any(|w| w == typ.as_bytes()) {
+        return String::new();
+    }
+    URL_SAFE_NO_PAD.encode(prefix)
+});
+
 /// Cheap shape test for an `Authorization: Bearer <value>`: true when `value` is a three-part
 /// JWS whose header says `"typ": "connect+jwt"`. Such a value is ours, verified, and refused
 /// when bad; anything else belongs to the app and passes through. No signature work, no
 /// allocation for headers of normal size, never panics.
 pub fn looks_like_ours(value: &str) -> bool {
-    if value.len() > MAX_TOKEN_LEN || value.bytes().filter(|&b| b == b'.').count() != 2 {
+    if value.len() > MAX_TOKEN_LEN {
         return false;
     }
-    let Some((header, _)) = value.split_once('.') else {
+    // Exactly two dots (the searches are memchr-fast; counting bytes one by one was not).
+    let Some((header, rest)) = value.split_once('.') else {
         return false;
     };
+    if rest
+        .split_once('.')
+        .is_none_or(|(_, signature)| signature.contains('.'))
+    {
+        return false;
+    }
+    // Every header we sign starts with the same bytes: no need to decode ours.
+    if !SIGNED_HEADER_PREFIX.is_empty() && header.starts_with(&**SIGNED_HEADER_PREFIX) {
+        return true;
+    }
     let mut buf = [0u8; HEADER_BUF_LEN];
     let Some(json) = decode_header(header, &mut buf) else {
         return false;
@@ -1007,8 +1078,32 @@ mod tests {
         let first = auth.verify(&token, now).unwrap();
         assert_eq!(*first, claims);
         assert_eq!(auth.cache_len(), 1);
+        // The second verify is a hit in the shared cache, which gives this thread a copy of
+        // its own; the third is a hit in that per-thread copy.
         let second = auth.verify(&token, now).unwrap();
-        assert!(Arc::ptr_eq(&first, &second), "second verify is a cache hit");
+        assert_eq!(*second, claims);
+        let third = auth.verify(&token, now).unwrap();
+        assert!(Arc::ptr_eq(&second, &third), "third verify is a front-cache hit");
+    }
+
+    #[test]
+    fn revocation_and_rotation_reach_the_per_thread_cache() {
+        let (auth, _) = authority();
+        let now = crate::unix_now();
+        let (token, claims) = auth.issue(req(), now).unwrap();
+        for _ in 0..3 {
+            auth.verify(&token, now).unwrap();
+        }
+        auth.revoke(&claims.jti, claims.exp);
+        assert!(matches!(auth.verify(&token, now), Err(TokenError::Revoked)));
+
+        // A key set without the signing key: the token no longer verifies, cached or not.
+        let (other, _) = auth.issue(req(), now).unwrap();
+        for _ in 0..3 {
+            auth.verify(&other, now).unwrap();
+        }
+        auth.set_keys(vec![key("k9", 2)]).unwrap();
+        assert!(auth.verify(&other, now).is_err());
     }
 
     #[test]
@@ -1790,6 +1885,13 @@ mod tests {
         let now = crate::unix_now();
         let (token, _) = auth.issue(req(), now).unwrap();
         assert!(looks_like_ours(&token));
+        // The fast path is on, and every token we sign takes it.
+        assert!(
+            SIGNED_HEADER_PREFIX.len() >= 40,
+            "{}",
+            *SIGNED_HEADER_PREFIX
+        );
+        assert!(token.starts_with(&*SIGNED_HEADER_PREFIX));
 
         // An app's own JWT: typ JWT, or no typ at all.
         let generic = jsonwebtoken::encode(

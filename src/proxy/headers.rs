@@ -57,6 +57,14 @@ fn is_reserved(name: &str) -> bool {
 /// every reserved header the client sent. Returns the `Upgrade` value when the request asked
 /// for a WebSocket upgrade (the only upgrade passed upstream; `h2c` never is).
 pub fn strip_request(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    // Most requests carry none of these: one pass over the names spares a lookup per name.
+    let hop = hop_by_hop();
+    if !headers
+        .keys()
+        .any(|k| hop.contains(&k) || is_reserved(k.as_str()))
+    {
+        return None;
+    }
     let upgrade = websocket_upgrade(headers);
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
