@@ -52,6 +52,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/sandboxes/{id}/logs", get(logs))
         .route("/v1/connect-tokens/{jti}", delete(revoke_token))
         .route("/v1/audit", get(audit))
+        .route("/v1/nodes", get(list_nodes))
         .fallback(|| async { HttpError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             HttpError::new(
@@ -592,6 +593,10 @@ async fn create_sandbox(
     };
     match &gw.driver {
         Some(driver) if record.command.is_some() => {
+            if gw.config.store.url.is_some() {
+                // Other nodes reach this node's sandboxes over the private network.
+                record.upstream = Some(gw.config.cluster.advertise_addr.clone());
+            }
             let defaults = driver.default_limits();
             record.process.memory_mb = body.memory_mb.or(defaults.memory_mb);
             record.process.cpu_secs = body.cpu_secs.or(defaults.cpu_secs);
@@ -1038,6 +1043,42 @@ async fn audit(
             action: e.action,
             target: e.target,
             client_addr: e.client_addr,
+        })
+        .collect();
+    Ok(Json(Items { items }))
+}
+
+#[derive(Serialize)]
+struct NodeView {
+    name: String,
+    advertise_addr: String,
+    last_heartbeat: String,
+    status: &'static str,
+    runs_sandboxes: bool,
+    version: String,
+    started_at: String,
+}
+
+/// `GET /v1/nodes`: every node sharing this store, with its last heartbeat.
+async fn list_nodes(
+    State(gw): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Items<NodeView>>, HttpError> {
+    caller.require(Scope::Admin)?;
+    let now = unix_now();
+    let items = gw
+        .store
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| NodeView {
+            status: crate::cluster::node_status(&gw, &n, now),
+            last_heartbeat: rfc3339(n.last_heartbeat),
+            started_at: rfc3339(n.started_at),
+            name: n.name,
+            advertise_addr: n.advertise_addr,
+            runs_sandboxes: n.runs_sandboxes,
+            version: n.version,
         })
         .collect();
     Ok(Json(Items { items }))

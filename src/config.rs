@@ -49,6 +49,27 @@ struct RawConfig {
     tokens: RawTokens,
     orchestrator: RawOrchestrator,
     api: RawApi,
+    cluster: RawCluster,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCluster {
+    node_name: Option<String>,
+    advertise_addr: String,
+    heartbeat_secs: u64,
+    kek_file: Option<PathBuf>,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        RawCluster {
+            node_name: None,
+            advertise_addr: "127.0.0.1".into(),
+            heartbeat_secs: 5,
+            kek_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,7 +181,6 @@ impl Default for RawTls {
 struct RawStore {
     data_dir: PathBuf,
     url: Option<String>,
-    kek_file: Option<PathBuf>,
 }
 
 impl Default for RawStore {
@@ -168,7 +188,6 @@ impl Default for RawStore {
         RawStore {
             data_dir: PathBuf::from("data"),
             url: None,
-            kek_file: None,
         }
     }
 }
@@ -241,6 +260,26 @@ pub struct Config {
     pub tokens: TokensConfig,
     pub orchestrator: OrchestratorConfig,
     pub api: ApiConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// This node's identity among the nodes sharing one store.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Unique among the nodes; defaults to the host name.
+    pub node_name: String,
+    /// Where other nodes reach this node's process sandboxes.
+    pub advertise_addr: String,
+    /// How often this node reports that it is alive; a node silent for three intervals is
+    /// lost, and its sandboxes with it.
+    pub heartbeat: Duration,
+}
+
+impl ClusterConfig {
+    /// How long a node may go without a heartbeat before the others declare it lost.
+    pub fn lost_after(&self) -> Duration {
+        self.heartbeat * 3
+    }
 }
 
 /// Control API rate limits: per credential, and per client address (which also bounds how
@@ -558,7 +597,43 @@ impl Config {
         let store = StoreConfig {
             data_dir,
             url: raw.store.url,
-            kek_file: raw.store.kek_file.as_deref().map(resolve),
+            kek_file: raw.cluster.kek_file.as_deref().map(resolve),
+        };
+
+        let c = raw.cluster;
+        let node_name = match c.node_name {
+            Some(name) => name,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "sandgate".into()),
+        };
+        if node_name.is_empty()
+            || node_name.len() > 63
+            || !node_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return Err(invalid(
+                "cluster.node_name",
+                "must be 1-63 letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+        let advertise_addr = c.advertise_addr.trim().to_string();
+        if advertise_addr.is_empty()
+            || format!("{advertise_addr}:1")
+                .parse::<http::uri::Authority>()
+                .is_err()
+        {
+            return Err(invalid(
+                "cluster.advertise_addr",
+                "must be an IP address or host name other nodes can reach".into(),
+            ));
+        }
+        let cluster = ClusterConfig {
+            node_name,
+            advertise_addr,
+            heartbeat: positive("cluster.heartbeat_secs", c.heartbeat_secs)?,
         };
 
         let tls = match (raw.tls.cert_file, raw.tls.key_file) {
@@ -685,6 +760,7 @@ impl Config {
             tokens,
             orchestrator,
             api,
+            cluster,
         })
     }
 }
@@ -807,7 +883,7 @@ mod tests {
         assert_eq!(c.store.url, None);
         assert_eq!(c.store.kek_file, None);
         let c = parse(
-            "[store]\nurl = \"postgres://sg:hunter2@db:5432/sandgate\"\nkek_file = \"secrets/kek\"\n",
+            "[store]\nurl = \"postgres://sg:hunter2@db:5432/sandgate\"\n[cluster]\nkek_file = \"secrets/kek\"\n",
         )
         .unwrap();
         assert_eq!(

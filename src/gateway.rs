@@ -8,7 +8,6 @@ use crate::config::Config;
 use crate::credential::{self, Scope, Secret};
 use crate::sandbox::process::Driver;
 use crate::sandbox::Routes;
-use crate::store::sqlite::SqliteStore;
 use crate::store::{AuditEvent, CredentialRecord, Store, StoreError, StoredSigningKey};
 use crate::telemetry::Metrics;
 use crate::tls::{CertResolver, TlsError};
@@ -62,6 +61,8 @@ pub struct Gateway {
     pub api_limits: crate::api::RateLimits,
     /// Audit events on their way to the store, committed in groups.
     audit_log: AuditLog,
+    /// When this process opened the gateway (its node's `started_at`).
+    pub started_at: i64,
 }
 
 /// Group commit for audit events: concurrent callers' events are written in one transaction,
@@ -134,7 +135,7 @@ impl Gateway {
         }
         let certs = CertResolver::load(&config.tls.cert_file, &config.tls.key_file)?;
 
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.sqlite_path())?);
+        let store = crate::store::open(&config.store).await?;
 
         let keys = load_or_create_keys(store.as_ref()).await?;
         let tokens = Arc::new(Authority::new(token_settings(&config), keys)?);
@@ -167,6 +168,7 @@ impl Gateway {
                 Arc::clone(&routes),
                 Arc::clone(&tracker),
                 identity,
+                config.cluster.node_name.clone(),
             ));
             let ended = driver.reconcile().await?;
             if ended > 0 {
@@ -187,6 +189,7 @@ impl Gateway {
 
         let audit_log = AuditLog::start(Arc::clone(&store));
         Ok(Arc::new(Gateway {
+            started_at: unix_now(),
             audit_log,
             store,
             tokens,

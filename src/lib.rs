@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod credential;
 pub mod error;

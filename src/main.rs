@@ -39,6 +39,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The cluster key-encryption key that seals signing keys in PostgreSQL.
+    Kek {
+        #[command(subcommand)]
+        command: KekCommand,
+    },
     /// Create, inspect and terminate sandboxes (calls the API).
     Sandbox {
         #[command(flatten)]
@@ -88,6 +93,13 @@ enum KeysCommand {
     /// Add a new signing key. Running gateways sign with it within seconds; tokens signed by
     /// older keys stay valid until they expire.
     Rotate(ConfigArg),
+}
+
+#[derive(Subcommand)]
+enum KekCommand {
+    /// Print a new random key-encryption key (64 hex characters) for `$SANDGATE_KEK` or
+    /// `[cluster] kek_file`. Every node of a cluster needs the same one.
+    Generate,
 }
 
 #[derive(Args)]
@@ -295,12 +307,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: KeysCommand::Rotate(arg),
         } => {
             let config = Config::load_default(arg.config.as_deref())?;
-            let store = sandgate::store::sqlite::SqliteStore::open(&config.store.sqlite_path())?;
-            let key = sandgate::gateway::add_signing_key(&store).await?;
+            let store = sandgate::store::open(&config.store).await?;
+            let key = sandgate::gateway::add_signing_key(store.as_ref()).await?;
             println!(
                 "Added signing key {}; running gateways sign with it within 5 s. Tokens signed by older keys stay valid until they expire.",
                 key.kid()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kek {
+            command: KekCommand::Generate,
+        } => {
+            println!("{}", sandgate::store::postgres::generate_kek());
             Ok(ExitCode::SUCCESS)
         }
         Command::Sandbox { api, command } => sandbox_command(api, command).await,

@@ -70,7 +70,10 @@ impl Route {
         let mut ports = Vec::with_capacity(record.ports.len());
         for &published in &record.ports {
             let (host, port) = match (&record.upstream, record.host_ports.get(&published)) {
-                (_, Some(&host_port)) => ("127.0.0.1", host_port),
+                // A process sandbox: on its node's advertised address in cluster mode.
+                (upstream, Some(&host_port)) => {
+                    (upstream.as_deref().unwrap_or("127.0.0.1"), host_port)
+                }
                 (Some(upstream), None) => (upstream.as_str(), published),
                 (None, None) => return None,
             };
@@ -164,6 +167,11 @@ impl Routes {
             .filter(|r| r.live && r.upstream_deadline.is_some_and(|t| t <= now))
             .map(|r| r.key().clone())
             .collect()
+    }
+
+    /// Every sandbox id in the table.
+    pub fn ids(&self) -> Vec<String> {
+        self.map.iter().map(|r| r.key().clone()).collect()
     }
 
     pub fn remove(&self, id: &str) {

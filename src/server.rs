@@ -131,6 +131,10 @@ pub async fn run(
     });
 
     let background = spawn_maintenance(Arc::clone(&gw), shared.draining.clone());
+    let cluster = tokio::spawn(crate::cluster::run(
+        Arc::clone(&gw),
+        shared.draining.clone(),
+    ));
     let telemetry = tokio::spawn(crate::api::serve_telemetry(
         Arc::clone(&gw),
         listeners.telemetry,
@@ -191,6 +195,7 @@ pub async fn run(
     })
     .await;
     background.abort();
+    cluster.abort();
     let _ = telemetry.await;
     Ok(())
 }

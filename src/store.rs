@@ -352,7 +352,7 @@ pub enum StoreError {
 }
 
 /// Opens the store that `config` names: PostgreSQL when `[store] url` is set (with the
-/// key-encryption key from `$SANDGATE_KEK` or `[store] kek_file`, see
+/// key-encryption key from `$SANDGATE_KEK` or `[cluster] kek_file`, see
 /// [`postgres::Kek::from_env_or_file`]), else SQLite in `data_dir` (a brief blocking open).
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     match &config.url {

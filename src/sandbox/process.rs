@@ -86,6 +86,8 @@ pub struct Driver {
     store: Arc<dyn Store>,
     routes: Arc<Routes>,
     tracker: Arc<Tracker>,
+    /// This node's name: the sandboxes it starts carry it, and only those are its to reconcile.
+    node: String,
     running: DashMap<String, Running>,
     /// Process groups of `exec` commands in flight, per sandbox: they run in groups of their
     /// own (so a timeout kills exactly them), and end with the sandbox.
@@ -152,8 +154,10 @@ impl Driver {
         routes: Arc<Routes>,
         tracker: Arc<Tracker>,
         identity: Option<Identity>,
+        node: String,
     ) -> Driver {
         Driver {
+            node,
             identity,
             cfg,
             data_dir: data_dir.to_path_buf(),
@@ -219,6 +223,10 @@ impl Driver {
             if record.command.is_none() || !record.status.is_live() {
                 continue;
             }
+            // Another node's sandbox (cluster mode): not ours to end.
+            if record.node.as_deref().is_some_and(|n| n != self.node) {
+                continue;
+            }
             if let Some(pgid) = record.process.pgid {
                 if group_belongs_to(pgid, &record.id) {
                     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
@@ -243,6 +251,7 @@ impl Driver {
         mut record: SandboxRecord,
     ) -> Result<SandboxRecord, DriverError> {
         let command = record.command.clone().unwrap_or_default();
+        record.node = Some(self.node.clone());
         let host_ports = self.allocate(record.ports.len())?;
         record.host_ports = record
             .ports

@@ -170,15 +170,15 @@ const TAG_LEN: usize = 16;
 /// contain the key.
 #[derive(Debug, thiserror::Error)]
 pub enum KekError {
-    /// Neither `$SANDGATE_KEK` nor `[store] kek_file` is set.
+    /// Neither `$SANDGATE_KEK` nor `[cluster] kek_file` is set.
     #[error(
         "no key-encryption key: cluster mode stores signing keys encrypted; set SANDGATE_KEK or \
-         [store] kek_file = \"path\" to 32 random bytes as 64 hex characters or base64 (make one \
+         [cluster] kek_file = \"path\" to 32 random bytes as 64 hex characters or base64 (make one \
          with `sandgate kek generate`), the same on every node"
     )]
     Missing,
     /// The key file could not be read.
-    #[error("cannot read the key-encryption key file {path} ([store] kek_file)")]
+    #[error("cannot read the key-encryption key file {path} ([cluster] kek_file)")]
     Read {
         path: PathBuf,
         #[source]
@@ -192,7 +192,7 @@ pub enum KekError {
     Malformed { origin: String, reason: String },
     /// The key does not open the database's check value: another key sealed its signing keys.
     #[error(
-        "the key-encryption key (SANDGATE_KEK or [store] kek_file) is not the one this database's \
+        "the key-encryption key (SANDGATE_KEK or [cluster] kek_file) is not the one this database's \
          signing keys are sealed with; every node of a cluster needs the same key"
     )]
     Wrong,
@@ -252,7 +252,7 @@ impl Kek {
     }
 
     /// The cluster's key from `$SANDGATE_KEK` if set and not empty, else from `file`
-    /// (`[store] kek_file`); `None` when neither is set. The environment wins so that a
+    /// (`[cluster] kek_file`); `None` when neither is set. The environment wins so that a
     /// deployment can override a file baked into an image.
     pub fn from_env_or_file(file: Option<&Path>) -> Result<Option<Kek>, KekError> {
         if let Some(value) = std::env::var_os("SANDGATE_KEK").filter(|v| !v.is_empty()) {
@@ -1674,7 +1674,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, StoreError::Kek(KekError::Missing)), "{err:?}");
         let shown = err.to_string();
-        for needle in ["SANDGATE_KEK", "[store] kek_file", "encrypted", "64 hex"] {
+        for needle in ["SANDGATE_KEK", "[cluster] kek_file", "encrypted", "64 hex"] {
             assert!(shown.contains(needle), "{needle} in {shown}");
         }
     }
