@@ -144,7 +144,9 @@ pub async fn apply(gw: &Gateway, change: &Change) -> Result<(), StoreError> {
         // Credentials are read from the store on every API call: nothing is cached to drop.
         Change::CredentialRevoked { .. } | Change::NodeChanged { .. } => {}
         Change::SigningKeyAdded { .. } => {
-            gw.reload_keys().await.map_err(|e| StoreError::Unavailable(e.to_string().into()))?;
+            gw.reload_keys()
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string().into()))?;
         }
         Change::Resync => resync(gw).await?,
     }

@@ -135,7 +135,11 @@ impl Gateway {
         }
         let certs = CertResolver::load(&config.tls.cert_file, &config.tls.key_file)?;
 
-        let store = crate::store::open(&config.store).await?;
+        let store = crate::store::open(
+            &config.store,
+            &format!("sandgate {}", config.cluster.node_name),
+        )
+        .await?;
 
         let keys = load_or_create_keys(store.as_ref()).await?;
         let tokens = Arc::new(Authority::new(token_settings(&config), keys)?);

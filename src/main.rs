@@ -307,7 +307,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: KeysCommand::Rotate(arg),
         } => {
             let config = Config::load_default(arg.config.as_deref())?;
-            let store = sandgate::store::open(&config.store).await?;
+            let store = sandgate::store::open(&config.store, "sandgate keys rotate").await?;
             let key = sandgate::gateway::add_signing_key(store.as_ref()).await?;
             println!(
                 "Added signing key {}; running gateways sign with it within 5 s. Tokens signed by older keys stay valid until they expire.",

@@ -354,12 +354,19 @@ pub enum StoreError {
 /// Opens the store that `config` names: PostgreSQL when `[store] url` is set (with the
 /// key-encryption key from `$SANDGATE_KEK` or `[cluster] kek_file`, see
 /// [`postgres::Kek::from_env_or_file`]), else SQLite in `data_dir` (a brief blocking open).
-pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+///
+/// `application_name` names this process's PostgreSQL sessions (`pg_stat_activity`), e.g.
+/// `sandgate <node>`.
+pub async fn open(
+    config: &StoreConfig,
+    application_name: &str,
+) -> Result<Arc<dyn Store>, StoreError> {
     match &config.url {
         Some(url) => {
             let kek = postgres::Kek::from_env_or_file(config.kek_file.as_deref())?;
-            let store =
-                postgres::PostgresStore::open(postgres::PostgresOptions::new(url, kek)).await?;
+            let mut options = postgres::PostgresOptions::new(url, kek);
+            options.application_name = application_name.to_owned();
+            let store = postgres::PostgresStore::open(options).await?;
             Ok(Arc::new(store))
         }
         None => Ok(Arc::new(sqlite::SqliteStore::open(&config.sqlite_path())?)),

@@ -1,0 +1,656 @@
+//! Cluster mode: real `sandgate serve` processes sharing one PostgreSQL database.
+//!
+//! Every test gets a schema of its own in the database named by `$SANDGATE_TEST_PG` (default
+//! `postgres://postgres@127.0.0.1:5432/test`), so the tests run in parallel. A PostgreSQL that
+//! cannot be reached fails the tests: they are never skipped.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+fn pg_url() -> String {
+    std::env::var("SANDGATE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A schema of its own, and the key-encryption key its nodes share.
+struct Db {
+    admin: PgPool,
+    schema: String,
+    kek: String,
+}
+
+impl Db {
+    async fn new() -> Db {
+        let admin = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&pg_url())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is not reachable at {} ({e}); cluster tests need it \
+                     (set SANDGATE_TEST_PG)",
+                    pg_url()
+                )
+            });
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let schema = format!("sg_test_{now}_{:08x}", rand::random::<u32>());
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        Db {
+            admin,
+            schema,
+            kek: sandgate::store::postgres::generate_kek(),
+        }
+    }
+
+    /// The store URL for nodes, optionally through `via` (a forwarder's address).
+    fn url(&self, via: Option<SocketAddr>) -> String {
+        let base = pg_url();
+        let base = match via {
+            Some(addr) => base.replace("127.0.0.1:5432", &addr.to_string()),
+            None => base,
+        };
+        let sep = if base.contains('?') { '&' } else { '?' };
+        format!("{base}{sep}options[search_path]={}", self.schema)
+    }
+
+    async fn drop_schema(self) {
+        let _ = sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .execute(&self.admin)
+            .await;
+    }
+}
+
+/// One `sandgate serve` process.
+struct Node {
+    dir: tempfile::TempDir,
+    child: tokio::process::Child,
+    tls: TlsClient,
+}
+
+impl Node {
+    async fn start(db: &Db, name: &str, via: Option<SocketAddr>, orchestrator: bool) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, telemetry) = (free_port(), free_port());
+        let config = format!(
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nbase_domain = \"{BASE}\"\n\
+             shutdown_grace_secs = 1\nworkers = 1\n\
+             [telemetry]\nlisten = \"127.0.0.1:{telemetry}\"\nlog_level = \"info\"\n\
+             [store]\ndata_dir = \"data\"\nurl = \"{url}\"\n\
+             [cluster]\nnode_name = \"{name}\"\nadvertise_addr = \"127.0.0.1\"\nheartbeat_secs = 1\n\
+             [orchestrator]\nenabled = {orchestrator}\n",
+            url = db.url(via),
+        );
+        std::fs::write(dir.path().join("sandgate.toml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandgate"))
+            .args(["serve", "--config"])
+            .arg(dir.path().join("sandgate.toml"))
+            .env("SANDGATE_KEK", &db.kek)
+            .env_remove("SANDGATE_STORE_URL")
+            .env_remove("SANDGATE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut child = child;
+        let log = |dir: &tempfile::TempDir| {
+            std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("node {name} exited ({status}):\n{}", log(&dir));
+            }
+            let ca = dir.path().join("data/certs/ca.pem");
+            if let (Ok(pem), Ok(_)) = (std::fs::read(&ca), TcpStream::connect(addr).await) {
+                // The port is bound before the store opens: wait for an answer.
+                let tls = TlsClient::new(addr, &pem);
+                let ready = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    tls.get(BASE, "/.well-known/jwks.json", &[]),
+                )
+                .await;
+                if ready.is_ok_and(|r| r.status() == StatusCode::OK) {
+                    return Node { tls, dir, child };
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {name} did not start:\n{}",
+                log(&dir)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn admin_key_file(&self) -> PathBuf {
+        self.dir.path().join("data/admin.key")
+    }
+
+    async fn api(
+        &self,
+        key: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        api_via(&self.tls, key, method, path, body).await
+    }
+
+    /// A request to `port` of sandbox `id` through this node, with the token in a header.
+    async fn get(&self, id: &str, port: u16, token: &str) -> StatusCode {
+        self.tls
+            .get(&sandbox_host(port, id), "/", &[("x-sandgate-token", token)])
+            .await
+            .status()
+    }
+
+    async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Node A first (it initialises the schema and writes the admin key), then the others.
+async fn cluster(db: &Db, names: &[&str]) -> (Vec<Node>, String) {
+    let first = Node::start(db, names[0], None, true).await;
+    let key = std::fs::read_to_string(first.admin_key_file())
+        .expect("the first node writes the admin key")
+        .trim()
+        .to_string();
+    let mut nodes = vec![first];
+    for name in &names[1..] {
+        let node = Node::start(db, name, None, true).await;
+        assert!(
+            !node.admin_key_file().exists(),
+            "a later node reuses the cluster's credentials and writes no key file"
+        );
+        nodes.push(node);
+    }
+    (nodes, key)
+}
+
+async fn sandbox(node: &Node, key: &str, port: u16) -> String {
+    let (status, v) = node
+        .api(
+            key,
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"upstream": "127.0.0.1", "ports": [port]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    v["id"].as_str().unwrap().to_string()
+}
+
+async fn mint(node: &Node, key: &str, id: &str, port: u16) -> (String, String) {
+    let (status, v) = node
+        .api(
+            key,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/connect-tokens"),
+            Some(json!({"port": port})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    (
+        v["token"].as_str().unwrap().to_string(),
+        v["jti"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Polls `check` every 5 ms until it holds; returns how long that took.
+async fn within(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_credentials_and_revocations_work_across_nodes() {
+    let db = Db::new().await;
+    let echo = Echo::start().await;
+    let (nodes, key) = cluster(&db, &["node-a", "node-b", "node-c"]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    // A token minted through A works through B and C.
+    let id = sandbox(a, &key, echo.port()).await;
+    let (token, jti) = mint(a, &key, &id, echo.port()).await;
+    within(
+        Duration::from_secs(2),
+        "the sandbox reaches B",
+        async || b.get(&id, echo.port(), &token).await == StatusCode::OK,
+    )
+    .await;
+    assert_eq!(c.get(&id, echo.port(), &token).await, StatusCode::OK);
+
+    // Revoked through C: refused by A and B within a second.
+    let (status, _) = c
+        .api(
+            &key,
+            Method::DELETE,
+            &format!("/v1/connect-tokens/{jti}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    for node in [a, b] {
+        within(
+            Duration::from_secs(1),
+            "the revocation reaches every node",
+            async || node.get(&id, echo.port(), &token).await == StatusCode::UNAUTHORIZED,
+        )
+        .await;
+    }
+
+    // A credential revoked on A is refused on B at its next call.
+    let (status, v) = a
+        .api(
+            &key,
+            Method::POST,
+            "/v1/credentials",
+            Some(json!({"name": "agent", "scopes": ["sandboxes:read"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (cred_id, secret) = (
+        v["id"].as_str().unwrap().to_string(),
+        v["secret"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(
+        b.api(&secret, Method::GET, "/v1/sandboxes", None).await.0,
+        StatusCode::OK
+    );
+    let (status, _) = a
+        .api(
+            &key,
+            Method::DELETE,
+            &format!("/v1/credentials/{cred_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        b.api(&secret, Method::GET, "/v1/sandboxes", None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Every node is listed, up.
+    let (status, v) = b.api(&key, Method::GET, "/v1/nodes", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let names: Vec<&str> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["status"] == "up")
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["node-a", "node-b", "node-c"], "{v}");
+
+    // Propagation latency: revoke through A, time until B refuses (B had the token cached).
+    let mut samples = Vec::new();
+    for _ in 0..100 {
+        let (token, jti) = mint(a, &key, &id, echo.port()).await;
+        within(
+            Duration::from_secs(2),
+            "a fresh token works on B",
+            async || b.get(&id, echo.port(), &token).await == StatusCode::OK,
+        )
+        .await;
+        let (status, _) = a
+            .api(
+                &key,
+                Method::DELETE,
+                &format!("/v1/connect-tokens/{jti}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let took = within(Duration::from_secs(1), "revocation reaches B", async || {
+            b.get(&id, echo.port(), &token).await == StatusCode::UNAUTHORIZED
+        })
+        .await;
+        samples.push(took);
+    }
+    samples.sort();
+    println!(
+        "revocation propagation A -> B over {} revocations: p50 {:?}, p99 {:?}, max {:?} \
+         (measured from the API's 204 on A; includes one request through B per 5 ms poll)",
+        samples.len(),
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+        samples[samples.len() - 1]
+    );
+
+    for n in nodes {
+        n.kill().await;
+    }
+    db.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_through_b_closes_when_the_sandbox_is_deleted_through_c() {
+    let db = Db::new().await;
+    let echo = Echo::start().await;
+    let (nodes, key) = cluster(&db, &["ws-a", "ws-b", "ws-c"]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let id = sandbox(a, &key, echo.port()).await;
+    let (token, _) = mint(a, &key, &id, echo.port()).await;
+    within(
+        Duration::from_secs(2),
+        "the sandbox reaches B",
+        async || b.get(&id, echo.port(), &token).await == StatusCode::OK,
+    )
+    .await;
+
+    let (mut ws, _) = websocket(
+        &b.tls,
+        &sandbox_host(echo.port(), &id),
+        "/ws",
+        &[("x-sandgate-token", &token)],
+    )
+    .await
+    .expect("websocket through B");
+    ws.send(Message::Text("ping".into())).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(2), ws.next())
+        .await
+        .expect("echo")
+        .expect("a frame")
+        .expect("a message");
+    assert_eq!(echoed.into_text().unwrap().as_str(), "ping");
+
+    let deleted = Instant::now();
+    let (status, v) = c
+        .api(&key, Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert!(status.is_success(), "{status} {v}");
+    let closed = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the WebSocket through B is still open 1 s after the delete on C"
+    );
+    println!(
+        "WebSocket on B closed {:?} after the delete on C",
+        deleted.elapsed()
+    );
+    assert_eq!(
+        b.get(&id, echo.port(), &token).await,
+        StatusCode::GONE,
+        "the sandbox is terminated on B too"
+    );
+
+    for n in nodes {
+        n.kill().await;
+    }
+    db.drop_schema().await;
+}
+
+/// A TCP forwarder to PostgreSQL that the test can cut (every connection dropped, new ones
+/// refused) and restore: a database outage as one node sees it.
+struct Forwarder {
+    addr: SocketAddr,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Forwarder {
+    async fn start() -> Forwarder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, _) = tokio::sync::watch::channel(true);
+        let watch = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut state = watch.subscribe();
+                if !*state.borrow() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect("127.0.0.1:5432").await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = state.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Forwarder { addr, up }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_ride_out_a_lost_database_connection_and_catch_up() {
+    let db = Db::new().await;
+    let echo = Echo::start().await;
+    let (mut nodes, key) = cluster(&db, &["db-a"]).await;
+    let forwarder = Forwarder::start().await;
+    let b = Node::start(&db, "db-b", Some(forwarder.addr), false).await;
+    let a = &nodes[0];
+    let id = sandbox(a, &key, echo.port()).await;
+    let (kept, _) = mint(a, &key, &id, echo.port()).await;
+    let (doomed, doomed_jti) = mint(a, &key, &id, echo.port()).await;
+    for t in [&kept, &doomed] {
+        within(Duration::from_secs(2), "tokens work on B", async || {
+            b.get(&id, echo.port(), t).await == StatusCode::OK
+        })
+        .await;
+    }
+
+    // 1. The database ends B's sessions (pg_terminate_backend): B keeps proxying, and its
+    //    listener comes back and hears the next revocation.
+    let (killed,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name LIKE 'sandgate db-b%') t",
+    )
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
+    assert!(killed >= 1, "B had database sessions to end");
+    assert_eq!(b.get(&id, echo.port(), &kept).await, StatusCode::OK);
+
+    // 2. B cut off from the database entirely: still proxies from memory, and refuses writes
+    //    with a clear 503.
+    forwarder.set(false);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.get(&id, echo.port(), &kept).await, StatusCode::OK);
+    let (status, v) = b
+        .api(
+            &key,
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"upstream": "127.0.0.1", "ports": [echo.port()]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+
+    // A revocation while B is disconnected...
+    let (status, _) = a
+        .api(
+            &key,
+            Method::DELETE,
+            &format!("/v1/connect-tokens/{doomed_jti}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.get(&id, echo.port(), &doomed).await,
+        StatusCode::OK,
+        "B cannot know yet (it is cut off)"
+    );
+
+    // ...is caught up once the connection is back (reconnect backoff is at most 5 s).
+    forwarder.set(true);
+    within(
+        Duration::from_secs(10),
+        "B catches up on the missed revocation",
+        async || b.get(&id, echo.port(), &doomed).await == StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(b.get(&id, echo.port(), &kept).await, StatusCode::OK);
+
+    // And the kill-and-reconnect above did not cost A anything.
+    let (status, _) = a.api(&key, Method::GET, "/v1/nodes", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    b.kill().await;
+    nodes.pop().unwrap().kill().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_orchestrator_nodes_sandboxes_become_lost() {
+    let db = Db::new().await;
+    let (mut nodes, key) = cluster(&db, &["lost-a", "lost-b"]).await;
+    let b = nodes.pop().unwrap();
+    let a = &nodes[0];
+
+    // A command sandbox on B, reached through A over B's advertised address.
+    let (status, v) = b
+        .api(
+            &key,
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({
+                "command": ["sh", "-c", "exec python3 -m http.server $PORT --bind 127.0.0.1"],
+                "ports": [8000],
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let (token, _) = mint(&b, &key, &id, 8000).await;
+    within(
+        Duration::from_secs(15),
+        "the process sandbox answers through A",
+        async || a.get(&id, 8000, &token).await == StatusCode::OK,
+    )
+    .await;
+    let (_, v) = a
+        .api(&key, Method::GET, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(v["status"], "running", "{v}");
+
+    // SIGKILL: no goodbye. Heartbeats every 1 s, lost after 3 missed.
+    let pid = b.child.id().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    within(
+        Duration::from_secs(8),
+        "A marks B's sandbox lost",
+        async || {
+            let (_, v) = a
+                .api(&key, Method::GET, &format!("/v1/sandboxes/{id}"), None)
+                .await;
+            v["status"] == "lost"
+        },
+    )
+    .await;
+    println!(
+        "sandbox lost {:?} after its node was killed",
+        killed.elapsed()
+    );
+    assert_eq!(a.get(&id, 8000, &token).await, StatusCode::GONE);
+    let (_, v) = a.api(&key, Method::GET, "/v1/nodes", None).await;
+    let b_status = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "lost-b")
+        .map(|n| n["status"].clone());
+    assert_eq!(b_status, Some(json!("lost")), "{v}");
+
+    // The orphaned process is B's to clean up; stop it here so the test leaves nothing.
+    for pid in sandbox_pids(&id) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    drop(b);
+    nodes.pop().unwrap().kill().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_node_without_the_kek_refuses_to_start_and_says_why() {
+    let db = Db::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[gateway]\nlisten = \"127.0.0.1:{}\"\nbase_domain = \"{BASE}\"\n\
+         [telemetry]\nlisten = \"127.0.0.1:{}\"\n[store]\ndata_dir = \"data\"\nurl = \"{}\"\n",
+        free_port(),
+        free_port(),
+        db.url(None)
+    );
+    std::fs::write(dir.path().join("sandgate.toml"), config).unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sandgate"))
+            .args(["serve", "--config"])
+            .arg(dir.path().join("sandgate.toml"))
+            .env_remove("SANDGATE_KEK")
+            .env_remove("SANDGATE_STORE_URL")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("exits promptly")
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SANDGATE_KEK") && err.contains("kek_file"),
+        "{err}"
+    );
+    db.drop_schema().await;
+}
