@@ -4,6 +4,8 @@
 //! `postgres://postgres@127.0.0.1:5432/test`), so the tests run in parallel. A PostgreSQL that
 //! cannot be reached fails the tests: they are never skipped.
 
+#![allow(clippy::unwrap_used)] // helpers here are test code too
+
 mod common;
 
 use std::net::SocketAddr;
