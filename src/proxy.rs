@@ -282,13 +282,24 @@ impl Proxy {
             if !self.gw.tokens.mark_used(&claims.jti, claims.exp) {
                 return Err(token::TokenError::AlreadyUsed.into());
             }
-            let store = Arc::clone(&self.gw.store);
-            let (jti, exp) = (claims.jti.clone(), claims.exp);
-            tokio::spawn(async move {
-                if let Err(err) = store.mark_token_used(&jti, exp).await {
-                    tracing::error!(error = %err, "could not persist a single-use token's use");
+            if self.gw.config.store.url.is_some() {
+                // Cluster mode: another node may see the same token, so the shared store,
+                // where the first use wins atomically, decides; and a use that cannot be
+                // recorded is not allowed.
+                match self.gw.store.mark_token_used(&claims.jti, claims.exp).await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(token::TokenError::AlreadyUsed.into()),
+                    Err(err) => return Err(err.into()),
                 }
-            });
+            } else {
+                let store = Arc::clone(&self.gw.store);
+                let (jti, exp) = (claims.jti.clone(), claims.exp);
+                tokio::spawn(async move {
+                    if let Err(err) = store.mark_token_used(&jti, exp).await {
+                        tracing::error!(error = %err, "could not persist a single-use token's use");
+                    }
+                });
+            }
         }
         if transport == Transport::Query {
             // The cookie carries a reusable copy of the same grant (same jti, so revoking the

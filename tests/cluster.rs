@@ -305,6 +305,27 @@ async fn tokens_credentials_and_revocations_work_across_nodes() {
         StatusCode::UNAUTHORIZED
     );
 
+    // A single-use token works once in the whole cluster, not once per node.
+    let (status, v) = a
+        .api(
+            &key,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/connect-tokens"),
+            Some(json!({"port": echo.port(), "single_use": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let once = v["token"].as_str().unwrap().to_string();
+    assert_eq!(b.get(&id, echo.port(), &once).await, StatusCode::OK);
+    assert_eq!(
+        c.get(&id, echo.port(), &once).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        a.get(&id, echo.port(), &once).await,
+        StatusCode::UNAUTHORIZED
+    );
+
     // Every node is listed, up.
     let (status, v) = b.api(&key, Method::GET, "/v1/nodes", None).await;
     assert_eq!(status, StatusCode::OK, "{v}");
