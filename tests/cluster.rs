@@ -326,6 +326,39 @@ async fn tokens_credentials_and_revocations_work_across_nodes() {
         StatusCode::UNAUTHORIZED
     );
 
+    // `sandgate keys rotate` against the shared database: every node verifies the new key
+    // within seconds, and tokens from either key keep working everywhere.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sandgate"))
+        .args(["keys", "rotate", "--config"])
+        .arg(a.dir.path().join("sandgate.toml"))
+        .env("SANDGATE_KEK", &db.kek)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (old_token, _) = mint(a, &key, &id, echo.port()).await;
+    for node in [a, b, c] {
+        within(
+            Duration::from_secs(5),
+            "every node has both keys",
+            async || {
+                let jwks = node.tls.get(BASE, "/.well-known/jwks.json", &[]).await;
+                json_body(&jwks)["keys"].as_array().map_or(0, Vec::len) == 2
+            },
+        )
+        .await;
+    }
+    let (new_token, _) = mint(b, &key, &id, echo.port()).await;
+    for node in [a, b, c] {
+        assert_eq!(node.get(&id, echo.port(), &new_token).await, StatusCode::OK);
+        assert_eq!(node.get(&id, echo.port(), &old_token).await, StatusCode::OK);
+    }
+
     // Every node is listed, up.
     let (status, v) = b.api(&key, Method::GET, "/v1/nodes", None).await;
     assert_eq!(status, StatusCode::OK, "{v}");
