@@ -1083,7 +1083,10 @@ mod tests {
         let second = auth.verify(&token, now).unwrap();
         assert_eq!(*second, claims);
         let third = auth.verify(&token, now).unwrap();
-        assert!(Arc::ptr_eq(&second, &third), "third verify is a front-cache hit");
+        assert!(
+            Arc::ptr_eq(&second, &third),
+            "third verify is a front-cache hit"
+        );
     }
 
     #[test]
