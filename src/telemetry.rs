@@ -18,9 +18,17 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 /// Installs the global tracing subscriber. `RUST_LOG` overrides `level`.
+///
+/// rustls is held to errors unless `level` names it: it warns about things any client can
+/// send (an IP address as SNI, say), which would let anyone fill the log.
 pub fn init_tracing(level: &str, json: bool) {
+    let spec = if level.contains("rustls") {
+        level.to_string()
+    } else {
+        format!("{level},rustls=error")
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(spec));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
