@@ -10,10 +10,14 @@
 //! - [`token`]: connect-token claims, signing keys, issue and verify with a verified-token cache
 //!   and the revocation set. Pure domain: no HTTP types.
 //! - [`credential`]: API keys: generation, hashing, scopes.
-//! - [`store`]: the [`store::Store`] trait and its embedded SQLite implementation.
+//! - [`store`]: the [`store::Store`] trait, the embedded SQLite implementation and the
+//!   PostgreSQL one for cluster mode (keys sealed under a KEK, a LISTEN/NOTIFY change feed).
+//! - [`cluster`]: applies other nodes' changes to this node's memory; heartbeats, lost nodes.
+//! - [`front`]: per-thread, epoch-guarded front caches for the tables every request reads.
 //! - [`sandbox`]: the sandbox model and the in-memory route table the data plane reads.
 //! - [`gateway`]: opens everything from a config (store, keys, certs, admin key) into shared state.
-//! - [`server`]: listeners, TLS accept, HTTP/1.1 + HTTP/2 serving, graceful shutdown.
+//! - [`server`]: listeners, one single-threaded runtime per core, TLS accept, HTTP/1.1 + HTTP/2
+//!   serving, graceful shutdown.
 //! - [`proxy`]: the data plane: route → authenticate → forward.
 //! - [`api`]: the control plane (axum) on the base domain.
 //! - [`error`]: the one place gateway errors become HTTP responses.
