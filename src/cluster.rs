@@ -3,7 +3,7 @@
 //! lost.
 //!
 //! Every write another node makes is announced by the store's change feed
-//! ([`Store::changes`]): PostgreSQL's LISTEN/NOTIFY in cluster mode, an in-process feed for
+//! ([`crate::store::Store::changes`]): PostgreSQL's LISTEN/NOTIFY in cluster mode, an in-process feed for
 //! SQLite. [`run`] applies each change as it arrives, so a revocation on any node closes the
 //! connections it covers on every node within the notification's latency. When the feed was
 //! interrupted (a lost database connection, or a receiver that fell behind) it reloads

@@ -1,6 +1,6 @@
 //! The cluster [`Store`]: one PostgreSQL database shared by every gateway node.
 //!
-//! - **Same behaviour as SQLite.** Records use the same column encoding ([`super::columns`]:
+//! - **Same behaviour as SQLite.** Records use the same column encoding (`super::columns`:
 //!   JSON text for lists and maps, integer Unix seconds), and the shared conformance suite runs
 //!   against both backends. One difference: PostgreSQL text cannot hold NUL, so a NUL character
 //!   in a stored string (say a log tail in `detail`) reads back as U+FFFD.
