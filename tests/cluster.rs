@@ -75,6 +75,12 @@ impl Db {
         format!("{base}{sep}options[search_path]={}", self.schema)
     }
 
+    /// A node name unique to this test: `name` and the schema's random tag.
+    fn node(&self, name: &str) -> String {
+        let tag = self.schema.rsplit('_').next().unwrap_or_default();
+        format!("{name}-{tag}")
+    }
+
     async fn drop_schema(self) {
         let _ = sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.schema))
             .execute(&self.admin)
@@ -90,7 +96,10 @@ struct Node {
 }
 
 impl Node {
+    /// `name` gets this test's tag appended (see [`Db::node`]), so that names, and the
+    /// PostgreSQL sessions named after them, are unique even across concurrent test runs.
     async fn start(db: &Db, name: &str, via: Option<SocketAddr>, orchestrator: bool) -> Node {
+        let name = &db.node(name);
         let dir = tempfile::tempdir().unwrap();
         let (port, telemetry) = (free_port(), free_port());
         let config = format!(
@@ -252,7 +261,12 @@ async fn tokens_credentials_and_revocations_work_across_nodes() {
         async || b.get(&id, echo.port(), &token).await == StatusCode::OK,
     )
     .await;
-    assert_eq!(c.get(&id, echo.port(), &token).await, StatusCode::OK);
+    within(
+        Duration::from_secs(2),
+        "the sandbox reaches C",
+        async || c.get(&id, echo.port(), &token).await == StatusCode::OK,
+    )
+    .await;
 
     // Revoked through C: refused by A and B within a second.
     let (status, _) = c
@@ -369,7 +383,11 @@ async fn tokens_credentials_and_revocations_work_across_nodes() {
         .filter(|n| n["status"] == "up")
         .map(|n| n["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["node-a", "node-b", "node-c"], "{v}");
+    assert_eq!(
+        names,
+        [db.node("node-a"), db.node("node-b"), db.node("node-c")],
+        "{v}"
+    );
 
     // Propagation latency: revoke through A, time until B refuses (B had the token cached).
     let mut samples = Vec::new();
@@ -540,8 +558,9 @@ async fn gateways_ride_out_a_lost_database_connection_and_catch_up() {
     //    listener comes back and hears the next revocation.
     let (killed,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name LIKE 'sandgate db-b%') t",
+         WHERE application_name LIKE $1) t",
     )
+    .bind(format!("sandgate {}%", db.node("db-b")))
     .fetch_one(&db.admin)
     .await
     .unwrap();
@@ -627,10 +646,18 @@ async fn a_killed_orchestrator_nodes_sandboxes_become_lost() {
         async || a.get(&id, 8000, &token).await == StatusCode::OK,
     )
     .await;
-    let (_, v) = a
-        .api(&key, Method::GET, &format!("/v1/sandboxes/{id}"), None)
-        .await;
-    assert_eq!(v["status"], "running", "{v}");
+    // Its node marks it running once the port answers there; A sees that through the feed.
+    within(
+        Duration::from_secs(5),
+        "A sees the sandbox running",
+        async || {
+            let (_, v) = a
+                .api(&key, Method::GET, &format!("/v1/sandboxes/{id}"), None)
+                .await;
+            v["status"] == "running"
+        },
+    )
+    .await;
 
     // SIGKILL: no goodbye. Heartbeats every 1 s, lost after 3 missed.
     let pid = b.child.id().unwrap();
@@ -661,7 +688,7 @@ async fn a_killed_orchestrator_nodes_sandboxes_become_lost() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|n| n["name"] == "lost-b")
+        .find(|n| n["name"] == db.node("lost-b").as_str())
         .map(|n| n["status"].clone());
     assert_eq!(b_status, Some(json!("lost")), "{v}");
 
