@@ -227,6 +227,8 @@ struct RawOrchestrator {
     cpu_secs: u64,
     max_processes: u64,
     max_open_files: u64,
+    start_timeout_secs: u64,
+    pass_env: Vec<String>,
 }
 
 impl Default for RawOrchestrator {
@@ -244,6 +246,8 @@ impl Default for RawOrchestrator {
             cpu_secs: 0,
             max_processes: 0,
             max_open_files: 4096,
+            start_timeout_secs: 60,
+            pass_env: Vec::new(),
         }
     }
 }
@@ -315,6 +319,13 @@ pub struct OrchestratorConfig {
     pub cpu_secs: Option<u64>,
     pub max_processes: Option<u64>,
     pub max_open_files: Option<u64>,
+    /// How long a new sandbox may take until every published port accepts connections;
+    /// past it the sandbox is `failed` (a command that never listens must not wait forever).
+    pub start_timeout: Duration,
+    /// Names of the gateway's environment variables handed to sandboxes on purpose. Nothing
+    /// else of the gateway's environment reaches them (an operator's cloud or database
+    /// credentials would otherwise reach every sandbox).
+    pub pass_env: Vec<String>,
 }
 
 /// The TLS listener and the data plane's limits.
@@ -721,6 +732,18 @@ impl Config {
                 "must be \"auto\", \"gateway\" or a user name".into(),
             ));
         }
+        if o.start_timeout_secs == 0 || o.start_timeout_secs > 3600 {
+            return Err(invalid(
+                "orchestrator.start_timeout_secs",
+                "must be between 1 and 3600".into(),
+            ));
+        }
+        if let Some(bad) = o.pass_env.iter().find(|n| !is_env_name(n)) {
+            return Err(invalid(
+                "orchestrator.pass_env",
+                format!("`{bad}` is not an environment variable name (letters, digits and `_`, not starting with a digit)"),
+            ));
+        }
         let orchestrator = OrchestratorConfig {
             enabled: o.enabled,
             run_as: o.run_as,
@@ -734,6 +757,8 @@ impl Config {
             cpu_secs: nonzero(o.cpu_secs),
             max_processes: nonzero(o.max_processes),
             max_open_files: nonzero(o.max_open_files),
+            start_timeout: Duration::from_secs(o.start_timeout_secs),
+            pass_env: o.pass_env,
         };
 
         let a = raw.api;
@@ -763,6 +788,15 @@ impl Config {
             cluster,
         })
     }
+}
+
+/// True for a portable environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Removes `.` and resolves `..` lexically, so logs show `/srv/data`, not

@@ -770,6 +770,7 @@ async fn wait_running(
     let path = format!("/v1/sandboxes/{}", path_segment(id)?);
     let started = std::time::Instant::now();
     eprint!("sandbox {id}: starting");
+    let mut told = false;
     loop {
         let r = client.call(Method::GET, &path, None).await?;
         if !r.status.is_success() {
@@ -783,6 +784,13 @@ async fn wait_running(
                 break;
             }
             Some("starting") => {
+                // Once: what it waits for (the port and the variable the command must use).
+                if !told {
+                    if let Some(detail) = v["detail"].as_str() {
+                        eprint!(" ({detail})");
+                    }
+                    told = true;
+                }
                 eprint!(".");
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             }

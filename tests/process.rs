@@ -951,3 +951,102 @@ async fn sandboxes_cannot_read_the_gateways_secrets() {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
+
+#[tokio::test]
+async fn the_environment_is_clean_and_pass_env_passes_only_what_it_names() {
+    // Variables only this test sets (the environment is shared by every test in the binary).
+    // Neither is a `SANDGATE_*` name: nothing of the gateway's environment may pass by default.
+    let secret = format!("OPERATOR_SECRET_{}", std::process::id());
+    let passed = format!("OPERATOR_MIRROR_{}", std::process::id());
+    std::env::set_var(&secret, "do-not-pass-me-on");
+    std::env::set_var(&passed, "https://mirror.internal/simple");
+    let gw = TestGateway::start_with(&format!(
+        "{}pass_env = [\"{passed}\", \"UNSET_IN_THE_GATEWAY_{}\"]\n",
+        ports("31470-31489"),
+        std::process::id()
+    ))
+    .await;
+    let mut reaper = Reaper(Vec::new());
+    let id = sleeper(
+        &gw,
+        &mut reaper,
+        json!({"ports": [8000], "env": {"GREETING": "hello"}}),
+    )
+    .await;
+    let out = exec(&gw, &id, json!({"command": ["env"], "env": {"EXTRA": "1"}})).await;
+    assert_eq!(out["exit_code"], 0, "{out}");
+    let env: std::collections::BTreeMap<&str, &str> = out["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let names: Vec<&str> = env.keys().copied().collect();
+    let allowed = [
+        "PATH",
+        "HOME",
+        "LANG",
+        "TERM",
+        "PORT",
+        "PORT_8000",
+        "SANDGATE_SANDBOX_ID",
+        "GREETING",
+        "EXTRA",
+        passed.as_str(),
+    ];
+    for name in &names {
+        // `PWD` and `SHLVL` are set by no shell here: `env` runs straight under prlimit.
+        assert!(
+            allowed.contains(name),
+            "`{name}` reached the sandbox: {names:?}"
+        );
+    }
+    assert!(!names.contains(&secret.as_str()), "{names:?}");
+    assert_eq!(env[passed.as_str()], "https://mirror.internal/simple");
+    assert_eq!(env["PATH"], "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    assert!(env["HOME"].ends_with(&id), "HOME is the sandbox's folder: {env:?}");
+    // The same for the sandbox's own process, not only for exec.
+    let pgid = pgid_of(&gw, &id).await;
+    let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pgid}/environ")).unwrap())
+        .into_owned();
+    assert!(!environ.contains(&secret), "{environ}");
+    assert!(!environ.contains("CARGO_"), "{environ}");
+    assert!(environ.contains(&passed), "{environ}");
+    std::env::remove_var(&secret);
+    std::env::remove_var(&passed);
+    gw.stop().await;
+    wait_processes_gone(&id, Some(pgid), Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_command_that_never_listens_fails_at_the_start_deadline_naming_its_port() {
+    let gw = TestGateway::start_with(&format!(
+        "{}start_timeout_secs = 2\n",
+        ports("31490-31499")
+    ))
+    .await;
+    let mut reaper = Reaper(Vec::new());
+    // Listens on the published number instead of $PORT: the classic mistake.
+    let v = create(
+        &gw,
+        json!({"command": ["sh", "-c", "echo listening on 8000; exec sleep 30"], "ports": [8000]}),
+    )
+    .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    reaper.watch(&id);
+    // While it starts, the object says what it waits for.
+    assert_eq!(v["status"], "starting", "{v}");
+    let waiting = v["detail"].as_str().unwrap_or_default();
+    assert!(waiting.contains("port 8000") && waiting.contains("$PORT"), "{v}");
+    let started = Instant::now();
+    let v = wait_for_status(&gw, &id, &["failed", "stopped"], Duration::from_secs(15)).await;
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "{v}");
+    let detail = v["detail"].as_str().unwrap();
+    for needle in ["port 8000", "$PORT", "start_timeout_secs", "listening on 8000"] {
+        assert!(detail.contains(needle), "`{needle}` missing from: {detail}");
+    }
+    let pgid = gw.gw.store.sandbox(&id).await.unwrap().unwrap().process.pgid;
+    wait_processes_gone(&id, pgid, Duration::from_secs(5)).await;
+    gw.stop().await;
+}

@@ -277,6 +277,12 @@ impl Driver {
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
         record.process.pgid = pgid;
         record.status = SandboxStatus::Starting;
+        record.detail = Some(format!(
+            "waiting for {} to accept connections (up to {} s, [orchestrator] start_timeout_secs)",
+            awaited_ports(&record),
+            self.cfg.start_timeout.as_secs()
+        ));
+        tracing::info!(sandbox = %record.id, awaiting = %awaited_ports(&record), "sandbox starting");
         if let Err(e) = self.store.insert_sandbox(&record).await {
             if let Some(pgid) = pgid {
                 let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
@@ -310,8 +316,9 @@ impl Driver {
         let this = Arc::clone(self);
         let id = record.id.clone();
         let deadline = record.expires_at;
+        let awaited = awaited_ports(&record);
         tokio::spawn(async move {
-            this.supervise(id, child, pgid, stop, deadline, host_ports, pumps)
+            this.supervise(id, child, pgid, stop, deadline, (host_ports, awaited), pumps)
                 .await;
             let _ = done_tx.send(true);
         });
@@ -350,10 +357,13 @@ impl Driver {
         pgid: Option<i32>,
         stop: CancellationToken,
         deadline: Option<i64>,
-        host_ports: Vec<u16>,
+        (host_ports, awaited): (Vec<u16>, String),
         pumps: [Option<tokio::task::JoinHandle<()>>; 2],
     ) {
         let mut ready = false;
+        // A command that never listens (the wrong port, a typo) must not wait forever.
+        let start_deadline = tokio::time::sleep(self.cfg.start_timeout);
+        tokio::pin!(start_deadline);
         // Loopback connects are cheap: probe often so a fast server is running within ~20 ms.
         let mut probe = tokio::time::interval(Duration::from_millis(20));
         let until_deadline =
@@ -381,6 +391,10 @@ impl Driver {
                     self.end_group(pgid, &mut child).await;
                     break Outcome::TimedOut;
                 }
+                _ = &mut start_deadline, if !ready => {
+                    self.end_group(pgid, &mut child).await;
+                    break Outcome::NeverListened;
+                }
                 _ = probe.tick(), if !ready => {
                     if all_accept(&host_ports).await {
                         ready = true;
@@ -406,6 +420,19 @@ impl Driver {
                 ),
             ),
             Outcome::Exited(s) => (SandboxStatus::Stopped, format!("exited ({})", describe(&s))),
+            Outcome::NeverListened => {
+                let secs = self.cfg.start_timeout.as_secs();
+                tracing::warn!(sandbox = %id, awaiting = %awaited, timeout_secs = secs, "sandbox never accepted connections on its ports; ended");
+                (
+                    SandboxStatus::Failed,
+                    format!(
+                        "no connection accepted on {awaited} within {secs} s ([orchestrator] start_timeout_secs): \
+                         the command must listen on the port in $PORT (or $PORT_<n> for each \
+                         published port n), e.g. sh -c 'exec python3 -m http.server $PORT'; output:\n{}",
+                        log_tail(&self.log_path(&id), 2048)
+                    ),
+                )
+            }
             Outcome::Terminated => (SandboxStatus::Stopped, "terminated".to_string()),
             Outcome::TimedOut => (SandboxStatus::Stopped, "reached its timeout".to_string()),
             Outcome::Lost(e) => (
@@ -457,6 +484,10 @@ impl Driver {
             return;
         }
         record.status = status;
+        if status == SandboxStatus::Running {
+            // The "waiting for ports" note of `starting` no longer applies.
+            record.detail = None;
+        }
         if !status.is_live() {
             record.ended_at = Some(unix_now());
         }
@@ -529,7 +560,7 @@ impl Driver {
     }
 
     /// `prlimit <limits> -- <command>` in its own process group, with the sandbox's
-    /// environment. The gateway's own `SANDGATE_*` variables (keys, URLs) never reach it.
+    /// environment and nothing else: see [`sandbox_env`].
     fn command(
         &self,
         record: &SandboxRecord,
@@ -537,7 +568,7 @@ impl Driver {
         dir: &Path,
         env: &BTreeMap<String, String>,
     ) -> Command {
-        let mut cmd = Command::new("prlimit");
+        let mut cmd = Command::new(PRLIMIT);
         let limits = &record.process;
         if let Some(mb) = limits.memory_mb {
             cmd.arg(format!("--as={}", mb.saturating_mul(1024 * 1024)));
@@ -556,27 +587,16 @@ impl Driver {
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(false);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("SANDGATE_") {
-                cmd.env_remove(&key);
-            }
-        }
         if let Some(who) = &self.identity {
-            // HOME and the login names follow the account; the gateway's HOME is not its to read.
             cmd.uid(who.uid).gid(who.gid);
-            cmd.env("HOME", dir)
-                .env("USER", &who.name)
-                .env("LOGNAME", &who.name);
         }
-        cmd.envs(env);
-        // The first port as listed, not the lowest (`host_ports` is ordered by port number).
-        if let Some(first) = record.ports.first().and_then(|p| record.host_ports.get(p)) {
-            cmd.env("PORT", first.to_string());
-        }
-        for (published, host) in &record.host_ports {
-            cmd.env(format!("PORT_{published}"), host.to_string());
-        }
-        cmd.env("SANDGATE_SANDBOX_ID", &record.id);
+        cmd.env_clear().envs(sandbox_env(
+            record,
+            dir,
+            env,
+            &self.cfg.pass_env,
+            |name| std::env::var_os(name),
+        ));
         cmd
     }
 
@@ -652,6 +672,8 @@ impl Drop for ExecGroup<'_> {
 
 enum Outcome {
     Exited(std::process::ExitStatus),
+    /// Its ports did not all accept connections within `start_timeout_secs`.
+    NeverListened,
     Terminated,
     TimedOut,
     Lost(String),
@@ -664,6 +686,25 @@ fn describe(s: &std::process::ExitStatus) -> String {
         (None, Some(sig)) => format!("killed by signal {sig}"),
         _ => "unknown status".into(),
     }
+}
+
+/// The ports a starting sandbox waits for, as a person would check them: each published port
+/// with the variable that carries the port the command must listen on.
+fn awaited_ports(record: &SandboxRecord) -> String {
+    let first = record.ports.first().copied();
+    let each: Vec<String> = record
+        .ports
+        .iter()
+        .map(|p| {
+            let host = record.host_ports.get(p).copied().unwrap_or(*p);
+            if Some(*p) == first {
+                format!("port {p} ($PORT={host})")
+            } else {
+                format!("port {p} ($PORT_{p}={host})")
+            }
+        })
+        .collect();
+    each.join(", ")
 }
 
 /// True when every port accepts a TCP connection on loopback.
@@ -705,6 +746,50 @@ fn process_group(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// `prlimit`, by absolute path: the sandbox's own `PATH` is no business of the gateway's.
+const PRLIMIT: &str = "/usr/bin/prlimit";
+
+/// The `PATH` every sandbox starts with (the usual Debian one for a login shell).
+pub const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The whole environment of a sandbox's processes (its command and every exec). Nothing of
+/// the gateway's own environment reaches a sandbox unless the operator names it in
+/// `[orchestrator] pass_env`: an operator's `AWS_SECRET_ACCESS_KEY` or `PGPASSWORD`, the
+/// gateway's `SANDGATE_*` keys and its build tools' variables all stay out. In order, later
+/// entries winning: `PATH`, `HOME`, `LANG` and `TERM` defaults; the `pass_env` names; the
+/// create body's (and exec's) `env`; then what sandgate itself sets, which no caller may
+/// override: `PORT`, `PORT_<n>` and `SANDGATE_SANDBOX_ID`.
+pub fn sandbox_env(
+    record: &SandboxRecord,
+    home: &Path,
+    env: &BTreeMap<String, String>,
+    pass_env: &[String],
+    host: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> BTreeMap<String, std::ffi::OsString> {
+    let mut out: BTreeMap<String, std::ffi::OsString> = BTreeMap::new();
+    out.insert("PATH".into(), SANDBOX_PATH.into());
+    out.insert("HOME".into(), home.as_os_str().to_owned());
+    out.insert("LANG".into(), "C.UTF-8".into());
+    out.insert("TERM".into(), "dumb".into());
+    for name in pass_env {
+        if let Some(value) = host(name) {
+            out.insert(name.clone(), value);
+        }
+    }
+    for (k, v) in env {
+        out.insert(k.clone(), v.into());
+    }
+    // The first port as listed, not the lowest (`host_ports` is ordered by port number).
+    if let Some(first) = record.ports.first().and_then(|p| record.host_ports.get(p)) {
+        out.insert("PORT".into(), first.to_string().into());
+    }
+    for (published, host_port) in &record.host_ports {
+        out.insert(format!("PORT_{published}"), host_port.to_string().into());
+    }
+    out.insert("SANDGATE_SANDBOX_ID".into(), record.id.clone().into());
+    out
 }
 
 /// The last `max` bytes of a file, as text.
