@@ -451,6 +451,17 @@ struct CreateSandbox {
     cpu_secs: Option<u64>,
     max_processes: Option<u64>,
     max_open_files: Option<u64>,
+    /// A CPU limit such as 0.5 or 2 (isolated sandboxes).
+    cpus: Option<f64>,
+    egress: Option<EgressBody>,
+}
+
+/// `egress` on creation: the host names an isolated sandbox may reach through its proxy.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EgressBody {
+    #[serde(default)]
+    allow: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -469,6 +480,9 @@ struct SandboxView {
     rewrite_host: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
+    /// `command` sandboxes: `"namespaces"` or `"none"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    isolation: Option<String>,
 }
 
 impl SandboxView {
@@ -486,6 +500,7 @@ impl SandboxView {
             cors_origins: s.cors_origins.clone(),
             rewrite_host: s.rewrite_host,
             detail: s.detail.clone(),
+            isolation: s.process.isolation.clone(),
         }
     }
 }
@@ -543,8 +558,8 @@ async fn create_sandbox(
             ));
         }
     }
-    if body.ports.is_empty() || body.ports.len() > 32 {
-        return Err(HttpError::invalid_argument("ports must list 1 to 32 ports"));
+    if body.ports.is_empty() || body.ports.len() > 64 {
+        return Err(HttpError::invalid_argument("ports must list 1 to 64 ports"));
     }
     let mut ports = body.ports.clone();
     ports.sort_unstable();
@@ -557,6 +572,7 @@ async fn create_sandbox(
     for origin in &body.cors_origins {
         validate_origin(origin)?;
     }
+    validate_limits(&body)?;
     let metadata = body.metadata.unwrap_or_else(|| serde_json::json!({}));
     if !metadata.is_object() || metadata.to_string().len() > 4096 {
         return Err(HttpError::invalid_argument(
@@ -568,6 +584,16 @@ async fn create_sandbox(
             "`env` applies to `command` sandboxes only",
         ));
     }
+    let egress = match &body.egress {
+        Some(e) if upstream.is_some() => {
+            let _ = e;
+            return Err(HttpError::invalid_argument(
+                "`egress` applies to `command` sandboxes only",
+            ));
+        }
+        Some(e) => validate_egress(&e.allow, &body.ports)?,
+        None => Vec::new(),
+    };
     let now = unix_now();
     if body.timeout_secs.is_some_and(|t| t <= 0) {
         return Err(HttpError::invalid_argument("timeout_secs must be positive"));
@@ -602,6 +628,11 @@ async fn create_sandbox(
             record.process.cpu_secs = body.cpu_secs.or(defaults.cpu_secs);
             record.process.max_processes = body.max_processes.or(defaults.max_processes);
             record.process.max_open_files = body.max_open_files.or(defaults.max_open_files);
+            record.process.cpu_millis = body
+                .cpus
+                .map(|c| (c * 1000.0).round().max(1.0) as u64)
+                .or(defaults.cpu_millis);
+            record.process.egress = egress;
             record = driver.start(record).await.map_err(driver_error)?;
         }
         _ => {
@@ -617,6 +648,88 @@ async fn create_sandbox(
     )
     .await;
     Ok(created(SandboxView::of(&record)))
+}
+
+/// Limits out of range are refused naming the field, rather than clamped.
+fn validate_limits(body: &CreateSandbox) -> Result<(), HttpError> {
+    if body.memory_mb.is_some_and(|m| !(16..=1_048_576).contains(&m)) {
+        return Err(HttpError::invalid_argument(
+            "memory_mb must be between 16 and 1048576 (MiB)",
+        ));
+    }
+    if body
+        .cpus
+        .is_some_and(|c| !(c.is_finite() && (0.01..=1024.0).contains(&c)))
+    {
+        return Err(HttpError::invalid_argument(
+            "cpus must be between 0.01 and 1024 (e.g. 0.5 or 2)",
+        ));
+    }
+    if body
+        .max_processes
+        .is_some_and(|n| !(1..=1_000_000).contains(&n))
+    {
+        return Err(HttpError::invalid_argument(
+            "max_processes must be between 1 and 1000000",
+        ));
+    }
+    if body
+        .max_open_files
+        .is_some_and(|n| !(16..=1_048_576).contains(&n))
+    {
+        return Err(HttpError::invalid_argument(
+            "max_open_files must be between 16 and 1048576",
+        ));
+    }
+    if body.cpu_secs.is_some_and(|n| n == 0) {
+        return Err(HttpError::invalid_argument(
+            "cpu_secs must be at least 1 (leave it out for no limit)",
+        ));
+    }
+    Ok(())
+}
+
+/// `egress.allow`: host names or `*.suffix` patterns, lowercase; the egress proxy's own port
+/// cannot be published beside it.
+fn validate_egress(allow: &[String], ports: &[u16]) -> Result<Vec<String>, HttpError> {
+    use crate::sandbox::isolate::EGRESS_PORT;
+    if allow.is_empty() || allow.len() > 256 {
+        return Err(HttpError::invalid_argument(
+            "egress.allow must list 1 to 256 host names such as \"api.example.com\" or \"*.example.com\"",
+        ));
+    }
+    if ports.contains(&EGRESS_PORT) {
+        return Err(HttpError::invalid_argument(format!(
+            "port {EGRESS_PORT} is the egress proxy's inside the sandbox and cannot be published with egress"
+        )));
+    }
+    let mut out = Vec::with_capacity(allow.len());
+    for entry in allow {
+        let name = entry.trim().trim_end_matches('.').to_ascii_lowercase();
+        let bare = name.strip_prefix("*.").unwrap_or(&name);
+        let is_ip = bare.parse::<std::net::IpAddr>().is_ok()
+            || bare.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok();
+        let valid = !bare.is_empty()
+            && bare.len() <= 253
+            && !is_ip
+            && bare.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !valid {
+            return Err(HttpError::invalid_argument(format!(
+                "egress.allow entry `{}` is not a host name or `*.suffix` pattern (IP addresses are not allowed)",
+                entry.chars().take(80).collect::<String>()
+            )));
+        }
+        out.push(name);
+    }
+    Ok(out)
 }
 
 /// An upstream is a bare host: an IP literal or a DNS name, no scheme, port or path.
@@ -745,6 +858,11 @@ fn driver_error(e: crate::sandbox::process::DriverError) -> HttpError {
             HttpError::unavailable("no free host port left for this sandbox")
         }
         DriverError::NotRunning => HttpError::conflict("the sandbox is not running"),
+        DriverError::IsolationUnavailable(why) => HttpError::isolation_unavailable(why),
+        DriverError::Isolation(err) => {
+            tracing::error!(error = %err, "cannot isolate a sandbox");
+            HttpError::unavailable(format!("cannot isolate the sandbox: {err}"))
+        }
         DriverError::Store(err) => err.into(),
         DriverError::Dir(err) => {
             tracing::error!(error = %err, "cannot prepare a sandbox directory");

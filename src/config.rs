@@ -229,6 +229,11 @@ struct RawOrchestrator {
     max_open_files: u64,
     start_timeout_secs: u64,
     pass_env: Vec<String>,
+    isolation: String,
+    uid_range: String,
+    cpus: f64,
+    tmp_size_mb: u64,
+    egress_hosts: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for RawOrchestrator {
@@ -248,6 +253,11 @@ impl Default for RawOrchestrator {
             max_open_files: 4096,
             start_timeout_secs: 60,
             pass_env: Vec::new(),
+            isolation: "auto".into(),
+            uid_range: "2000000000-2000099999".into(),
+            cpus: 0.0,
+            tmp_size_mb: 1024,
+            egress_hosts: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -326,6 +336,29 @@ pub struct OrchestratorConfig {
     /// else of the gateway's environment reaches them (an operator's cloud or database
     /// credentials would otherwise reach every sandbox).
     pub pass_env: Vec<String>,
+    /// How `command` sandboxes are kept in: see [`IsolationMode`].
+    pub isolation: IsolationMode,
+    /// Host uids handed out one per isolated sandbox (and gid = uid): never 0, never the
+    /// gateway's, never an account of the host's (the default range is far above them).
+    pub uid_range: (u32, u32),
+    /// Default CPU limit of an isolated sandbox, in thousandths of a CPU; `None`: no limit.
+    pub cpu_millis: Option<u64>,
+    /// Size of an isolated sandbox's private `/tmp` (a tmpfs, charged to its memory).
+    pub tmp_bytes: u64,
+    /// Names the egress proxy sends to a fixed address (an internal package mirror), exempt
+    /// from its private-address refusal: name → `host:port`.
+    pub egress_hosts: std::collections::BTreeMap<String, std::net::SocketAddr>,
+}
+
+/// `[orchestrator] isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IsolationMode {
+    /// Namespaces where this node can make them, else `command` sandboxes are refused (503).
+    Auto,
+    /// Namespaces, or the gateway does not start.
+    Namespaces,
+    /// Plain host processes (a developer's laptop): warned about at start.
+    None,
 }
 
 /// The TLS listener and the data plane's limits.
@@ -744,6 +777,47 @@ impl Config {
                 format!("`{bad}` is not an environment variable name (letters, digits and `_`, not starting with a digit)"),
             ));
         }
+        let isolation = match o.isolation.as_str() {
+            "auto" => IsolationMode::Auto,
+            "namespaces" => IsolationMode::Namespaces,
+            "none" => IsolationMode::None,
+            other => {
+                return Err(invalid(
+                    "orchestrator.isolation",
+                    format!("`{other}` is not one of \"auto\", \"namespaces\", \"none\""),
+                ))
+            }
+        };
+        let uid_range = o
+            .uid_range
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?)))
+            .filter(|(a, b)| *a >= 1000 && a <= b && *b < u32::MAX)
+            .ok_or_else(|| {
+                invalid(
+                    "orchestrator.uid_range",
+                    format!(
+                        "`{}` is not a range of uids such as \"2000000000-2000099999\" (from 1000 up)",
+                        o.uid_range
+                    ),
+                )
+            })?;
+        if !(o.cpus.is_finite() && (0.0..=1024.0).contains(&o.cpus)) {
+            return Err(invalid(
+                "orchestrator.cpus",
+                "must be between 0 (no limit) and 1024".into(),
+            ));
+        }
+        let mut egress_hosts = std::collections::BTreeMap::new();
+        for (name, target) in &o.egress_hosts {
+            let addr: std::net::SocketAddr = target.parse().map_err(|_| {
+                invalid(
+                    "orchestrator.egress_hosts",
+                    format!("`{name}` = `{target}`: the target must be an address and port such as \"127.0.0.1:3141\""),
+                )
+            })?;
+            egress_hosts.insert(name.trim_end_matches('.').to_ascii_lowercase(), addr);
+        }
         let orchestrator = OrchestratorConfig {
             enabled: o.enabled,
             run_as: o.run_as,
@@ -759,6 +833,11 @@ impl Config {
             max_open_files: nonzero(o.max_open_files),
             start_timeout: Duration::from_secs(o.start_timeout_secs),
             pass_env: o.pass_env,
+            isolation,
+            uid_range,
+            cpu_millis: (o.cpus > 0.0).then(|| (o.cpus * 1000.0).round().max(1.0) as u64),
+            tmp_bytes: o.tmp_size_mb.max(1).saturating_mul(1024 * 1024),
+            egress_hosts,
         };
 
         let a = raw.api;

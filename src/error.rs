@@ -123,6 +123,15 @@ impl HttpError {
         )
     }
 
+    /// A `command` sandbox on a node that cannot isolate it.
+    pub fn isolation_unavailable(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "isolation_unavailable",
+            message,
+        )
+    }
+
     pub fn unavailable(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }

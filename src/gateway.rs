@@ -162,8 +162,26 @@ impl Gateway {
             let identity = crate::sandbox::process::Identity::resolve(&config.orchestrator.run_as)
                 .map_err(OpenError::Orchestrator)?;
             match &identity {
+                // Isolated sandboxes run as uids of their own instead.
+                _ if config.orchestrator.isolation != crate::config::IsolationMode::None => {}
                 Some(who) => tracing::info!(user = %who.name, "sandbox processes run as an unprivileged user"),
                 None => tracing::warn!("sandbox processes run as the gateway's own user and can read its data dir (keys, database); run sandgate as root with [orchestrator] run_as = \"auto\" to isolate them"),
+            }
+            let isolation = crate::sandbox::process::Isolation::resolve(
+                &config.orchestrator,
+                &config.store.data_dir,
+            )
+            .map_err(OpenError::Orchestrator)?;
+            match &isolation {
+                crate::sandbox::process::Isolation::Namespaces(iso) => {
+                    tracing::info!(isolation = %iso.describe(), "command sandboxes are isolated")
+                }
+                crate::sandbox::process::Isolation::None => tracing::warn!(
+                    "[orchestrator] isolation = \"none\": command sandboxes are plain host processes that can reach the host's network and files; use it on a developer's machine only"
+                ),
+                crate::sandbox::process::Isolation::Unavailable(why) => {
+                    tracing::warn!("{why}")
+                }
             }
             let driver = Arc::new(Driver::new(
                 config.orchestrator.clone(),
@@ -173,6 +191,7 @@ impl Gateway {
                 Arc::clone(&tracker),
                 identity,
                 config.cluster.node_name.clone(),
+                isolation,
             ));
             let ended = driver.reconcile().await?;
             if ended > 0 {

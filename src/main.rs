@@ -252,6 +252,12 @@ mod exit {
 }
 
 fn main() -> ExitCode {
+    // The sandbox launcher's roles run before anything else (single-threaded, no runtime).
+    if let Some(role) = std::env::args_os().nth(1) {
+        if let Some(code) = role.to_str().and_then(sandgate::sandbox::launch::dispatch) {
+            return code;
+        }
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -8,6 +8,7 @@
 //! to the sandbox's registered address, the only address the proxy ever connects to.
 
 pub mod body;
+pub mod connector;
 pub mod headers;
 
 use std::convert::Infallible;
@@ -20,7 +21,6 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_util::sync::CancellationToken;
@@ -106,7 +106,9 @@ enum Target<'a> {
 /// The data plane service shared by every connection.
 pub struct Proxy {
     gw: Arc<Gateway>,
-    client: Client<HttpConnector, Body>,
+    client: Client<connector::Connector, Body>,
+    /// The same connector, for upgrades' dedicated connections.
+    connector: connector::Connector,
     api: axum::Router,
     /// `.<base_domain>`: the suffix of every sandbox host.
     sandbox_suffix: Box<str>,
@@ -123,16 +125,15 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     pub fn new(gw: Arc<Gateway>, api: axum::Router, hard_stop: CancellationToken) -> Proxy {
         let cfg = &gw.config.gateway;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.upstream_connect_timeout));
-        connector.enforce_http(true);
+        let connector =
+            connector::Connector::new(Arc::clone(&gw.routes), cfg.upstream_connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .set_host(false)
-            .build(connector);
+            .build(connector.clone());
         Proxy {
+            connector,
             sandbox_suffix: format!(".{}", cfg.base_domain).into(),
             gw,
             client,
@@ -491,17 +492,13 @@ impl Proxy {
         let Some(on_client_upgrade) = on_client_upgrade else {
             return Err(HttpError::bad_request("this connection cannot be upgraded"));
         };
-        let stream = match tokio::time::timeout(
-            cfg.upstream_connect_timeout,
-            tokio::net::TcpStream::connect(target.authority.as_str()),
-        )
-        .await
-        {
-            Err(_) => return Err(HttpError::upstream_timeout()),
-            Ok(Err(_)) => return Err(HttpError::upstream_unreachable()),
-            Ok(Ok(s)) => s,
+        let stream = match self.connector.dial(&target.authority).await {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(HttpError::upstream_timeout())
+            }
+            Err(_) => return Err(HttpError::upstream_unreachable()),
+            Ok(s) => s,
         };
-        let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|_| HttpError::upstream_unreachable())?;

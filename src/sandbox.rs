@@ -4,7 +4,13 @@
 //! store. The control plane keeps it in step with the store: every create, terminate and
 //! restart-time load goes through [`Routes::upsert`] or [`Routes::remove`].
 
+pub mod cgroup;
+pub mod isolate;
+pub mod launch;
+pub mod mount;
+pub mod netns;
 pub mod process;
+pub mod spec;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -15,6 +21,7 @@ use http::HeaderValue;
 use rand::Rng;
 
 use crate::front::{Epoch, Front};
+use crate::sandbox::netns::NetNs;
 use crate::store::{SandboxRecord, SandboxStatus};
 
 /// Length of a sandbox id: 24 characters of `[a-z0-9]` carry 124 bits of randomness.
@@ -36,6 +43,9 @@ pub fn is_valid_id(id: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
+
+/// The host part of an isolated sandbox's upstream authority: `<id>.netns.invalid`.
+pub const NETNS_SUFFIX: &str = ".netns.invalid";
 
 /// Where one published port's traffic goes.
 #[derive(Debug, Clone)]
@@ -68,7 +78,22 @@ impl Route {
     /// address (a process sandbox whose ports were never mapped).
     pub fn from_record(record: &SandboxRecord) -> Option<Route> {
         let mut ports = Vec::with_capacity(record.ports.len());
+        // An isolated sandbox's ports are inside its network namespace: the connector knows
+        // them by the reserved name `<id>.netns.invalid` (never resolvable), which also keeps
+        // each sandbox's pooled connections apart.
+        let isolated = record.process.isolation.as_deref() == Some("namespaces");
         for &published in &record.ports {
+            if isolated {
+                let authority: Authority =
+                    format!("{}{NETNS_SUFFIX}:{published}", record.id).parse().ok()?;
+                let host_header = HeaderValue::from_str(&format!("127.0.0.1:{published}")).ok()?;
+                ports.push(PortTarget {
+                    published,
+                    authority,
+                    host_header,
+                });
+                continue;
+            }
             let (host, port) = match (&record.upstream, record.host_ports.get(&published)) {
                 // A process sandbox: on its node's advertised address in cluster mode.
                 (upstream, Some(&host_port)) => {
@@ -123,6 +148,9 @@ pub struct Routes {
     map: DashMap<String, Arc<Route>, foldhash::fast::RandomState>,
     /// Bumped after every change: guards each thread's front copy (see [`crate::front`]).
     epoch: Epoch,
+    /// Network namespaces of this node's isolated sandboxes, by id: where the connector makes
+    /// their upstream sockets. Read per new upstream connection, never per request.
+    netns: DashMap<String, Arc<NetNs>, foldhash::fast::RandomState>,
 }
 
 thread_local! {
@@ -172,6 +200,21 @@ impl Routes {
     /// Every sandbox id in the table.
     pub fn ids(&self) -> Vec<String> {
         self.map.iter().map(|r| r.key().clone()).collect()
+    }
+
+    /// Makes an isolated sandbox's namespace reachable by the connector.
+    pub fn attach_netns(&self, id: &str, netns: Arc<NetNs>) {
+        self.netns.insert(id.to_string(), netns);
+    }
+
+    /// Forgets it (the sandbox ended): new connections to it fail.
+    pub fn detach_netns(&self, id: &str) {
+        self.netns.remove(id);
+    }
+
+    /// The namespace of isolated sandbox `id` on this node.
+    pub fn netns(&self, id: &str) -> Option<Arc<NetNs>> {
+        self.netns.get(id).map(|n| Arc::clone(n.value()))
     }
 
     pub fn remove(&self, id: &str) {

@@ -197,6 +197,18 @@ pub struct ProcessInfo {
     pub max_processes: Option<u64>,
     /// Maximum open files for each process.
     pub max_open_files: Option<u64>,
+    /// CPU limit of an isolated sandbox, thousandths of a CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+    /// `"namespaces"` or `"none"`: how the sandbox was kept in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<String>,
+    /// An isolated sandbox's own host uid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Host names (or `*.suffix` patterns) its egress proxy lets it reach; empty: no egress.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<String>,
 }
 
 impl fmt::Debug for SandboxRecord {

@@ -23,7 +23,10 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::OrchestratorConfig;
+use crate::config::{IsolationMode, OrchestratorConfig};
+use crate::sandbox::cgroup::Limits;
+use crate::sandbox::isolate::{IsolationError, Isolator, Jail, EGRESS_PORT};
+use crate::sandbox::spec::Rlimits;
 use crate::sandbox::Routes;
 use crate::store::{ProcessInfo, SandboxRecord, SandboxStatus, Store, StoreError};
 use crate::tracker::Tracker;
@@ -47,6 +50,50 @@ pub enum DriverError {
     /// The sandbox is not running here.
     #[error("the sandbox is not running")]
     NotRunning,
+    /// This node cannot isolate `command` sandboxes (`[orchestrator] isolation = "auto"`).
+    #[error("{0}")]
+    IsolationUnavailable(String),
+    /// Namespaces, cgroup or launcher failed for this sandbox.
+    #[error(transparent)]
+    Isolation(#[from] IsolationError),
+}
+
+/// How this node keeps `command` sandboxes in (`[orchestrator] isolation`).
+#[derive(Debug, Clone)]
+pub enum Isolation {
+    /// Namespaces, a cgroup and a uid of its own per sandbox.
+    Namespaces(Arc<Isolator>),
+    /// Plain host processes (a developer's laptop).
+    None,
+    /// `auto` on a node that cannot isolate: `command` sandboxes are refused with this reason.
+    Unavailable(String),
+}
+
+impl Isolation {
+    /// Resolves `[orchestrator] isolation` on this node. `namespaces` that cannot be had is an
+    /// error (the gateway does not start); `auto` falls back to refusing `command` sandboxes.
+    pub fn resolve(cfg: &OrchestratorConfig, data_dir: &Path) -> Result<Isolation, String> {
+        match cfg.isolation {
+            IsolationMode::None => Ok(Isolation::None),
+            IsolationMode::Namespaces => Isolator::detect(cfg, data_dir)
+                .map(|i| Isolation::Namespaces(Arc::new(i)))
+                .map_err(|e| format!("[orchestrator] isolation = \"namespaces\": {e}")),
+            IsolationMode::Auto => Ok(match Isolator::detect(cfg, data_dir) {
+                Ok(i) => Isolation::Namespaces(Arc::new(i)),
+                Err(e) => Isolation::Unavailable(format!(
+                    "this node cannot isolate command sandboxes ({e}); [orchestrator] isolation = \"auto\" refuses them here"
+                )),
+            }),
+        }
+    }
+
+    /// The name shown on sandbox objects.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Isolation::Namespaces(_) => "namespaces",
+            Isolation::None | Isolation::Unavailable(_) => "none",
+        }
+    }
 }
 
 /// One `exec` request.
@@ -75,6 +122,8 @@ pub struct ExecOutput {
 struct Running {
     /// Cancel to terminate.
     stop: CancellationToken,
+    /// An isolated sandbox's namespaces and cgroup (`None` under `isolation = "none"`).
+    jail: Option<Arc<Jail>>,
     /// Becomes true when the supervisor has finished (process group gone, store updated).
     done: watch::Receiver<bool>,
 }
@@ -95,6 +144,7 @@ pub struct Driver {
     ports: Mutex<BTreeSet<u16>>,
     /// The unprivileged user sandboxes run as; `None`: the gateway's own user.
     identity: Option<Identity>,
+    isolation: Isolation,
 }
 
 /// An unprivileged account for sandbox processes. Running them as the gateway's user would let
@@ -155,10 +205,12 @@ impl Driver {
         tracker: Arc<Tracker>,
         identity: Option<Identity>,
         node: String,
+        isolation: Isolation,
     ) -> Driver {
         Driver {
             node,
             identity,
+            isolation,
             cfg,
             data_dir: data_dir.to_path_buf(),
             store,
@@ -178,6 +230,8 @@ impl Driver {
             cpu_secs: self.cfg.cpu_secs,
             max_processes: self.cfg.max_processes,
             max_open_files: self.cfg.max_open_files,
+            cpu_millis: self.cfg.cpu_millis,
+            ..ProcessInfo::default()
         }
     }
 
@@ -192,12 +246,18 @@ impl Driver {
         self.data_dir.join("logs").join(format!("{id}.log"))
     }
 
-    /// Creates the sandbox's working directory, owned by the sandbox user, and the log folder.
-    fn prepare(&self, id: &str) -> std::io::Result<PathBuf> {
+    /// The folder of the sandboxes' captured output: the gateway's alone.
+    fn logs_dir(&self) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let logs = self.data_dir.join("logs");
         std::fs::create_dir_all(&logs)?;
-        std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o700))
+    }
+
+    /// Creates the sandbox's working directory, owned by the sandbox user, and the log folder.
+    fn prepare(&self, id: &str) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        self.logs_dir()?;
         // Others may pass through `sandboxes/` to their own directory, not list it.
         let parent = self.data_dir.join("sandboxes");
         std::fs::create_dir_all(&parent)?;
@@ -216,19 +276,37 @@ impl Driver {
     }
 
     /// On start: process sandboxes left `starting`/`running` by a previous run are ended. Their
-    /// leftover process groups (if any survived a crash) are killed, not adopted silently.
+    /// leftover processes (if any survived a crash) are killed, not adopted silently: an
+    /// isolated sandbox's whole cgroup, a plain one's process group. Only this node's sandboxes
+    /// are touched: a cgroup whose id this store does not know as this node's (another
+    /// gateway's on the same host) is left alone.
     pub async fn reconcile(&self) -> Result<usize, StoreError> {
         let mut ended = 0;
+        let leftovers: BTreeSet<String> = match &self.isolation {
+            Isolation::Namespaces(iso) => iso.leftovers().into_iter().collect(),
+            _ => BTreeSet::new(),
+        };
         for mut record in self.store.sandboxes().await? {
-            if record.command.is_none() || !record.status.is_live() {
+            if record.command.is_none() {
                 continue;
             }
             // Another node's sandbox (cluster mode): not ours to end.
             if record.node.as_deref().is_some_and(|n| n != self.node) {
                 continue;
             }
+            if leftovers.contains(&record.id) {
+                if let Isolation::Namespaces(iso) = &self.isolation {
+                    let iso = Arc::clone(iso);
+                    let id = record.id.clone();
+                    let _ = tokio::task::spawn_blocking(move || iso.end_leftover(&id)).await;
+                    tracing::warn!(sandbox = %record.id, "ended a leftover sandbox cgroup from a previous run");
+                }
+            }
+            if !record.status.is_live() {
+                continue;
+            }
             if let Some(pgid) = record.process.pgid {
-                if group_belongs_to(pgid, &record.id) {
+                if record.process.isolation.is_none() && group_belongs_to(pgid, &record.id) {
                     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
                     tracing::warn!(sandbox = %record.id, pgid, "killed a leftover sandbox process group from a previous run");
                 }
@@ -244,14 +322,112 @@ impl Driver {
         Ok(ended)
     }
 
-    /// Allocates ports, starts the command and its supervisor, and stores the record as
-    /// `starting`. Returns the stored record.
+    /// What `isolation` means on this node, for sandbox objects.
+    pub fn isolation(&self) -> &Isolation {
+        &self.isolation
+    }
+
+    /// Starts the command and its supervisor, and stores the record as `starting` (or
+    /// `failed`, when the sandbox could not be built). Returns the stored record.
     pub async fn start(
         self: &Arc<Self>,
         mut record: SandboxRecord,
     ) -> Result<SandboxRecord, DriverError> {
-        let command = record.command.clone().unwrap_or_default();
         record.node = Some(self.node.clone());
+        record.process.isolation = Some(self.isolation.name().to_string());
+        match &self.isolation {
+            Isolation::Unavailable(why) => Err(DriverError::IsolationUnavailable(why.clone())),
+            Isolation::None => self.start_plain(record).await,
+            Isolation::Namespaces(iso) => {
+                let iso = Arc::clone(iso);
+                self.start_isolated(&iso, record).await
+            }
+        }
+    }
+
+    /// An isolated sandbox: its published ports are its own, inside its network namespace.
+    async fn start_isolated(
+        self: &Arc<Self>,
+        iso: &Arc<Isolator>,
+        mut record: SandboxRecord,
+    ) -> Result<SandboxRecord, DriverError> {
+        let command = record.command.clone().unwrap_or_default();
+        let limits = Limits {
+            memory_bytes: record.process.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+            cpu_millis: record.process.cpu_millis,
+            max_tasks: record.process.max_processes,
+        };
+        let egress = !record.process.egress.is_empty();
+        let jail = {
+            let iso = Arc::clone(iso);
+            let id = record.id.clone();
+            tokio::task::spawn_blocking(move || iso.prepare(&id, &limits, egress))
+                .await
+                .map_err(|_| DriverError::Isolation(IsolationError::Launch("preparation panicked".into())))??
+        };
+        let jail = Arc::new(jail);
+        record.process.uid = Some(jail.uid);
+        let ports: BTreeMap<u16, u16> = record.ports.iter().map(|&p| (p, p)).collect();
+        let mut env = sandbox_env(
+            &record,
+            Path::new("/workspace"),
+            &record.env,
+            &self.cfg.pass_env,
+            &ports,
+        );
+        if egress {
+            let proxy = format!("http://127.0.0.1:{EGRESS_PORT}");
+            for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                env.insert(name.into(), proxy.clone());
+            }
+        }
+        self.logs_dir().map_err(DriverError::Dir)?;
+        let log = LogSink::open(&self.log_path(&record.id), self.cfg.log_max_bytes).await;
+        self.routes.attach_netns(&record.id, Arc::clone(&jail.netns));
+        let mut child = match jail.spawn(&command, env, self.rlimits(&record)).await {
+            Ok(child) => child,
+            Err(e) => {
+                // Could not be built: a failed sandbox with the reason, and nothing left over.
+                tracing::warn!(sandbox = %record.id, error = %e, "sandbox could not be built");
+                jail.release().await;
+                self.routes.detach_netns(&record.id);
+                record.status = SandboxStatus::Failed;
+                record.ended_at = Some(unix_now());
+                record.detail = Some(format!("the sandbox could not be built: {e}"));
+                self.store.insert_sandbox(&record).await?;
+                self.routes.upsert(&record);
+                return Ok(record);
+            }
+        };
+        record.process.pgid = child.id().and_then(|p| i32::try_from(p).ok());
+        record.status = SandboxStatus::Starting;
+        record.detail = Some(format!(
+            "waiting for {} to accept connections (up to {} s, [orchestrator] start_timeout_secs)",
+            awaited_ports(&record, &ports),
+            self.cfg.start_timeout.as_secs()
+        ));
+        if let Err(e) = self.store.insert_sandbox(&record).await {
+            jail.release().await;
+            self.routes.detach_netns(&record.id);
+            let _ = child.wait().await;
+            return Err(e.into());
+        }
+        self.routes.upsert(&record);
+        tracing::info!(sandbox = %record.id, uid = jail.uid, awaiting = %awaited_ports(&record, &ports), "isolated sandbox starting");
+        let pumps = [
+            child.stdout.take().map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
+            child.stderr.take().map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
+        ];
+        self.run_supervisor(&record, child, Some(jail), Vec::new(), ports, pumps);
+        Ok(record)
+    }
+
+    /// A plain host process group (`isolation = "none"`): published ports map to host ports.
+    async fn start_plain(
+        self: &Arc<Self>,
+        mut record: SandboxRecord,
+    ) -> Result<SandboxRecord, DriverError> {
+        let command = record.command.clone().unwrap_or_default();
         let host_ports = self.allocate(record.ports.len())?;
         record.host_ports = record
             .ports
@@ -277,12 +453,13 @@ impl Driver {
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
         record.process.pgid = pgid;
         record.status = SandboxStatus::Starting;
+        let ports = record.host_ports.clone();
         record.detail = Some(format!(
             "waiting for {} to accept connections (up to {} s, [orchestrator] start_timeout_secs)",
-            awaited_ports(&record),
+            awaited_ports(&record, &ports),
             self.cfg.start_timeout.as_secs()
         ));
-        tracing::info!(sandbox = %record.id, awaiting = %awaited_ports(&record), "sandbox starting");
+        tracing::info!(sandbox = %record.id, awaiting = %awaited_ports(&record, &ports), "sandbox starting");
         if let Err(e) = self.store.insert_sandbox(&record).await {
             if let Some(pgid) = pgid {
                 let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
@@ -292,37 +469,72 @@ impl Driver {
             return Err(e.into());
         }
         self.routes.upsert(&record);
+        let log = LogSink::open(&self.log_path(&record.id), self.cfg.log_max_bytes).await;
+        let pumps = [
+            child.stdout.take().map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
+            child.stderr.take().map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
+        ];
+        self.run_supervisor(&record, child, None, host_ports, ports, pumps);
+        Ok(record)
+    }
 
+    /// Registers the running sandbox and spawns its supervisor.
+    fn run_supervisor(
+        self: &Arc<Self>,
+        record: &SandboxRecord,
+        child: Child,
+        jail: Option<Arc<Jail>>,
+        host_ports: Vec<u16>,
+        ports: BTreeMap<u16, u16>,
+        pumps: [Option<tokio::task::JoinHandle<()>>; 2],
+    ) {
         let stop = CancellationToken::new();
         let (done_tx, done_rx) = watch::channel(false);
         self.running.insert(
             record.id.clone(),
             Running {
                 stop: stop.clone(),
+                jail: jail.clone(),
                 done: done_rx,
             },
         );
-        let log = LogSink::open(&self.log_path(&record.id), self.cfg.log_max_bytes).await;
-        let pumps = [
-            child
-                .stdout
-                .take()
-                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
-            child
-                .stderr
-                .take()
-                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
-        ];
         let this = Arc::clone(self);
         let id = record.id.clone();
         let deadline = record.expires_at;
-        let awaited = awaited_ports(&record);
+        let awaited = awaited_ports(record, &ports);
+        let pgid = record.process.pgid;
+        let memory_mb = record.process.memory_mb;
+        let probe_ports: Vec<u16> = ports.values().copied().collect();
         tokio::spawn(async move {
-            this.supervise(id, child, pgid, stop, deadline, (host_ports, awaited), pumps)
-                .await;
+            this.supervise(Supervised {
+                id,
+                child,
+                pgid,
+                jail,
+                stop,
+                deadline,
+                host_ports,
+                probe_ports,
+                awaited,
+                memory_mb,
+                pumps,
+            })
+            .await;
             let _ = done_tx.send(true);
         });
-        Ok(record)
+    }
+
+    /// The per-process limits that stay `setrlimit`s.
+    fn rlimits(&self, record: &SandboxRecord) -> Rlimits {
+        Rlimits {
+            cpu_secs: record.process.cpu_secs,
+            open_files: record.process.max_open_files,
+        }
+    }
+
+    /// Memory, CPU and task figures of a running isolated sandbox.
+    pub fn stats(&self, id: &str) -> Option<crate::sandbox::cgroup::Stats> {
+        self.running.get(id)?.jail.as_ref()?.stats()
     }
 
     /// Terminates a running sandbox (SIGTERM to its group, SIGKILL after the grace period) and
@@ -349,23 +561,26 @@ impl Driver {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn supervise(
-        self: Arc<Self>,
-        id: String,
-        mut child: Child,
-        pgid: Option<i32>,
-        stop: CancellationToken,
-        deadline: Option<i64>,
-        (host_ports, awaited): (Vec<u16>, String),
-        pumps: [Option<tokio::task::JoinHandle<()>>; 2],
-    ) {
+    async fn supervise(self: Arc<Self>, job: Supervised) {
+        let Supervised {
+            id,
+            mut child,
+            pgid,
+            jail,
+            stop,
+            deadline,
+            host_ports,
+            probe_ports,
+            awaited,
+            memory_mb,
+            pumps,
+        } = job;
         let mut ready = false;
         // A command that never listens (the wrong port, a typo) must not wait forever.
         let start_deadline = tokio::time::sleep(self.cfg.start_timeout);
         tokio::pin!(start_deadline);
         // Loopback connects are cheap: probe often so a fast server is running within ~20 ms.
-        let mut probe = tokio::time::interval(Duration::from_millis(20));
+        let mut probe = tokio::time::interval(Duration::from_millis(10));
         let until_deadline =
             deadline.map(|d| Duration::from_secs(u64::try_from(d - unix_now()).unwrap_or(0)));
         let timeout = async {
@@ -375,6 +590,7 @@ impl Driver {
             }
         };
         tokio::pin!(timeout);
+        let jail = jail.as_deref();
         let outcome = loop {
             tokio::select! {
                 status = child.wait() => {
@@ -384,33 +600,53 @@ impl Driver {
                     };
                 }
                 _ = stop.cancelled() => {
-                    self.end_group(pgid, &mut child).await;
+                    self.end(jail, pgid, &mut child).await;
                     break Outcome::Terminated;
                 }
                 _ = &mut timeout => {
-                    self.end_group(pgid, &mut child).await;
+                    self.end(jail, pgid, &mut child).await;
                     break Outcome::TimedOut;
                 }
                 _ = &mut start_deadline, if !ready => {
-                    self.end_group(pgid, &mut child).await;
+                    self.end(jail, pgid, &mut child).await;
                     break Outcome::NeverListened;
                 }
                 _ = probe.tick(), if !ready => {
-                    if all_accept(&host_ports).await {
+                    let accepted = match jail {
+                        Some(jail) => jail.all_accept(&probe_ports).await,
+                        None => all_accept(&probe_ports).await,
+                    };
+                    if accepted {
                         ready = true;
                         self.set_status(&id, SandboxStatus::Running, None).await;
                     }
                 }
             }
         };
-        // Whatever ended, nothing of the group may outlive it.
-        if let Some(pgid) = pgid {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        // Whatever ended, nothing of it may outlive it: the whole cgroup, or the group.
+        let oom_kills = jail.map(Jail::oom_kills).unwrap_or(0);
+        match jail {
+            Some(jail) => jail.release().await,
+            None => {
+                if let Some(pgid) = pgid {
+                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                }
+            }
         }
+        self.routes.detach_netns(&id);
         for pump in pumps.into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(2), pump).await;
         }
         let (status, detail) = match outcome {
+            // The kernel's OOM killer ended the main process: say so, and which limit.
+            Outcome::Exited(s) if oom_kills > 0 && killed_by_sigkill(&s) => (
+                SandboxStatus::Failed,
+                format!(
+                    "killed by the kernel's OOM killer: the sandbox reached its memory limit of {} MiB (memory_mb); output:\n{}",
+                    memory_mb.map_or_else(|| "?".to_string(), |m| m.to_string()),
+                    log_tail(&self.log_path(&id), 2048)
+                ),
+            ),
             Outcome::Exited(s) if !ready => (
                 SandboxStatus::Failed,
                 format!(
@@ -450,6 +686,22 @@ impl Driver {
             for g in groups {
                 let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
             }
+        }
+    }
+
+    /// Ends a sandbox's processes: SIGTERM, then SIGKILL after the grace period — to every
+    /// task of an isolated sandbox's cgroup, or to a plain one's process group.
+    async fn end(&self, jail: Option<&Jail>, pgid: Option<i32>, child: &mut Child) {
+        match jail {
+            Some(jail) => {
+                // The launcher and init outlive SIGTERM; the launcher ends when the command
+                // (and so init) has.
+                jail.signal_all(Signal::SIGTERM);
+                let _ = tokio::time::timeout(self.cfg.grace, child.wait()).await;
+                jail.release().await;
+                let _ = child.wait().await;
+            }
+            None => self.end_group(pgid, child).await,
         }
     }
 
@@ -506,14 +758,43 @@ impl Driver {
         record: &SandboxRecord,
         req: ExecRequest,
     ) -> Result<ExecOutput, DriverError> {
-        let dir = self.sandbox_dir(&record.id);
-        self.prepare(&record.id).map_err(DriverError::Dir)?;
         let mut env = record.env.clone();
         env.extend(req.env.clone());
-        let mut cmd = self.command(record, &req.command, &dir, &env);
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let jail = self.running.get(&record.id).and_then(|r| r.jail.clone());
         let started = std::time::Instant::now();
-        let mut child = cmd.spawn().map_err(DriverError::Spawn)?;
+        let mut child = match (&self.isolation, jail) {
+            (Isolation::Namespaces(_), Some(jail)) => {
+                // Inside the sandbox: its namespaces, cgroup, user, /workspace, environment.
+                let ports: BTreeMap<u16, u16> = record.ports.iter().map(|&p| (p, p)).collect();
+                let env = sandbox_env(
+                    record,
+                    Path::new("/workspace"),
+                    &env,
+                    &self.cfg.pass_env,
+                    &ports,
+                );
+                let (mut cmd, spec) = jail.exec_command(&req.command, env, self.rlimits(record))?;
+                cmd.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .process_group(0)
+                    .kill_on_drop(false);
+                let mut child = cmd.spawn().map_err(DriverError::Spawn)?;
+                // The spec line, then end of input: a one-shot exec has no stdin.
+                if let Some(mut stdin) = child.stdin.take() {
+                    let _ = stdin.write_all(&spec).await;
+                }
+                child
+            }
+            (Isolation::Namespaces(_), None) => return Err(DriverError::NotRunning),
+            _ => {
+                let dir = self.sandbox_dir(&record.id);
+                self.prepare(&record.id).map_err(DriverError::Dir)?;
+                let mut cmd = self.command(record, &req.command, &dir, &env);
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+                cmd.spawn().map_err(DriverError::Spawn)?
+            }
+        };
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
         // Kills the group however this call ends, including when the caller goes away and
         // this future is dropped mid-wait.
@@ -595,7 +876,7 @@ impl Driver {
             dir,
             env,
             &self.cfg.pass_env,
-            |name| std::env::var_os(name),
+            &record.host_ports,
         ));
         cmd
     }
@@ -670,6 +951,31 @@ impl Drop for ExecGroup<'_> {
     }
 }
 
+/// What a supervisor watches over.
+struct Supervised {
+    id: String,
+    child: Child,
+    pgid: Option<i32>,
+    jail: Option<Arc<Jail>>,
+    stop: CancellationToken,
+    deadline: Option<i64>,
+    /// Host ports to give back at the end (`isolation = "none"`).
+    host_ports: Vec<u16>,
+    /// Where readiness is probed: host ports, or the published ports inside the namespace.
+    probe_ports: Vec<u16>,
+    /// The awaited ports, as the messages name them.
+    awaited: String,
+    memory_mb: Option<u64>,
+    pumps: [Option<tokio::task::JoinHandle<()>>; 2],
+}
+
+/// True when the main process died of SIGKILL (directly, or as the launcher reports it:
+/// exit code 128 + 9).
+fn killed_by_sigkill(s: &std::process::ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    s.signal() == Some(9) || s.code() == Some(128 + 9)
+}
+
 enum Outcome {
     Exited(std::process::ExitStatus),
     /// Its ports did not all accept connections within `start_timeout_secs`.
@@ -690,17 +996,17 @@ fn describe(s: &std::process::ExitStatus) -> String {
 
 /// The ports a starting sandbox waits for, as a person would check them: each published port
 /// with the variable that carries the port the command must listen on.
-fn awaited_ports(record: &SandboxRecord) -> String {
+fn awaited_ports(record: &SandboxRecord, ports: &BTreeMap<u16, u16>) -> String {
     let first = record.ports.first().copied();
     let each: Vec<String> = record
         .ports
         .iter()
         .map(|p| {
-            let host = record.host_ports.get(p).copied().unwrap_or(*p);
+            let listen = ports.get(p).copied().unwrap_or(*p);
             if Some(*p) == first {
-                format!("port {p} ($PORT={host})")
+                format!("port {p} ($PORT={listen})")
             } else {
-                format!("port {p} ($PORT_{p}={host})")
+                format!("port {p} ($PORT_{p}={listen})")
             }
         })
         .collect();
@@ -766,29 +1072,30 @@ pub fn sandbox_env(
     home: &Path,
     env: &BTreeMap<String, String>,
     pass_env: &[String],
-    host: impl Fn(&str) -> Option<std::ffi::OsString>,
-) -> BTreeMap<String, std::ffi::OsString> {
-    let mut out: BTreeMap<String, std::ffi::OsString> = BTreeMap::new();
+    ports: &BTreeMap<u16, u16>,
+) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
     out.insert("PATH".into(), SANDBOX_PATH.into());
-    out.insert("HOME".into(), home.as_os_str().to_owned());
+    out.insert("HOME".into(), home.to_string_lossy().into_owned());
     out.insert("LANG".into(), "C.UTF-8".into());
     out.insert("TERM".into(), "dumb".into());
     for name in pass_env {
-        if let Some(value) = host(name) {
+        // Non-Unicode values are not passed: every value must survive the launch spec.
+        if let Ok(value) = std::env::var(name) {
             out.insert(name.clone(), value);
         }
     }
     for (k, v) in env {
-        out.insert(k.clone(), v.into());
+        out.insert(k.clone(), v.clone());
     }
-    // The first port as listed, not the lowest (`host_ports` is ordered by port number).
-    if let Some(first) = record.ports.first().and_then(|p| record.host_ports.get(p)) {
-        out.insert("PORT".into(), first.to_string().into());
+    // The first port as listed, not the lowest (`ports` is ordered by port number).
+    if let Some(first) = record.ports.first().and_then(|p| ports.get(p)) {
+        out.insert("PORT".into(), first.to_string());
     }
-    for (published, host_port) in &record.host_ports {
-        out.insert(format!("PORT_{published}"), host_port.to_string().into());
+    for (published, listen) in ports {
+        out.insert(format!("PORT_{published}"), listen.to_string());
     }
-    out.insert("SANDGATE_SANDBOX_ID".into(), record.id.clone().into());
+    out.insert("SANDGATE_SANDBOX_ID".into(), record.id.clone());
     out
 }
 

@@ -1,0 +1,220 @@
+//! The sandbox's filesystem view, built inside its own mount namespace by its PID 1 (as root,
+//! before it drops to the sandbox's user).
+//!
+//! The `host` image: a tmpfs root holding the host's `/usr`, `/bin`, `/sbin` and `/lib*`
+//! read-only (merged-`/usr` symlinks are recreated as symlinks), a generated `/etc` (plus the
+//! host's CA certificates, `alternatives` and the dynamic linker's cache, read-only: none holds
+//! a secret), a fresh `/dev` with the usual devices, its own `devpts` and `/dev/shm`, its own
+//! `/proc`, a private `/tmp`, and `/workspace` bound from the sandbox's folder. Then
+//! `pivot_root` makes it `/`, the host's tree is detached, and the root itself is read-only:
+//! only `/workspace`, `/tmp` and `/dev/shm` are writable. Nothing else of the host is visible.
+//!
+//! Other images (the sessions work) replace the `/usr`, `/bin`, `/lib*` binds with an unpacked
+//! image's tree; the rest stays as it is.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::sandbox::spec::LaunchSpec;
+
+/// Host folders an image of `host` shows read-only.
+const HOST_TREES: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+
+/// Host files and folders under `/etc` shown read-only: what programs need to run (the
+/// dynamic linker's cache, Debian's `alternatives` links) and to verify TLS through the egress
+/// proxy (CA certificates). None of them holds a secret.
+const HOST_ETC: &[&str] = &[
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "ssl/certs",
+    "ca-certificates",
+    "mime.types",
+    "localtime",
+];
+
+/// Device nodes bound from the host's `/dev`: the harmless ones every program expects.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+fn err(what: &str, path: &Path, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("{what} {}: {e}", path.display()))
+}
+
+fn bind(src: &Path, dst: &Path, read_only: bool) -> io::Result<()> {
+    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(|e| err("cannot bind", src, e))?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount(None::<&str>, dst, None::<&str>, flags, None::<&str>)
+        .map_err(|e| err("cannot remount", dst, e))
+}
+
+fn tmpfs(dst: &Path, flags: MsFlags, options: &str) -> io::Result<()> {
+    mount(Some("tmpfs"), dst, Some("tmpfs"), flags, Some(options))
+        .map_err(|e| err("cannot mount a tmpfs on", dst, e))
+}
+
+/// Makes `dst` a mount point of the same kind as `src` (a folder or an empty file).
+fn mount_point(src: &Path, dst: &Path) -> io::Result<()> {
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if src.is_dir() {
+        std::fs::create_dir_all(dst)
+    } else {
+        std::fs::write(dst, b"")
+    }
+}
+
+/// Shows host path `src` at `dst` read-only: a symlink is copied as a symlink (so `/bin` →
+/// `usr/bin` stays one), anything else is bound. Absent paths are skipped.
+fn show_host(src: &Path, dst: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(src) {
+        Err(_) => Ok(()),
+        Ok(m) if m.file_type().is_symlink() => {
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::os::unix::fs::symlink(std::fs::read_link(src)?, dst)
+        }
+        Ok(_) => {
+            mount_point(src, dst)?;
+            bind(src, dst, true)
+        }
+    }
+}
+
+/// `/etc` files of the sandbox's own: its users, its name, no name server (names resolve
+/// through the egress proxy, which resolves them itself).
+fn write_etc(root: &Path, spec: &LaunchSpec) -> io::Result<()> {
+    let etc = root.join("etc");
+    std::fs::create_dir_all(&etc)?;
+    let (uid, gid) = (spec.uid, spec.gid);
+    std::fs::write(
+        etc.join("passwd"),
+        format!(
+            "root:x:0:0:root:/root:/bin/sh\nsandbox:x:{uid}:{gid}:sandbox:/workspace:/bin/sh\n\
+             nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+    )?;
+    std::fs::write(
+        etc.join("group"),
+        format!("root:x:0:\nsandbox:x:{gid}:\ntty:x:5:\nnogroup:x:65534:\n"),
+    )?;
+    std::fs::write(
+        etc.join("hosts"),
+        format!("127.0.0.1\tlocalhost {id}\n::1\tlocalhost ip6-localhost\n", id = spec.id),
+    )?;
+    std::fs::write(etc.join("hostname"), format!("{}\n", spec.id))?;
+    std::fs::write(
+        etc.join("resolv.conf"),
+        "# No name server: reach allowed hosts through $HTTPS_PROXY (the egress proxy).\n",
+    )?;
+    std::fs::write(etc.join("nsswitch.conf"), "passwd: files\ngroup: files\nhosts: files\n")?;
+    for name in HOST_ETC {
+        show_host(&Path::new("/etc").join(name), &etc.join(name))?;
+    }
+    Ok(())
+}
+
+fn build_dev(root: &Path) -> io::Result<()> {
+    let dev = root.join("dev");
+    std::fs::create_dir_all(&dev)?;
+    tmpfs(&dev, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, "mode=0755,size=64k")?;
+    for name in DEVICES {
+        let src = Path::new("/dev").join(name);
+        if src.exists() {
+            let dst = dev.join(name);
+            std::fs::write(&dst, b"")?;
+            mount(Some(&src), &dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .map_err(|e| err("cannot bind", &src, e))?;
+        }
+    }
+    let pts = dev.join("pts");
+    std::fs::create_dir_all(&pts)?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )
+    .map_err(|e| err("cannot mount devpts on", &pts, e))?;
+    std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"))?;
+    let shm = dev.join("shm");
+    std::fs::create_dir_all(&shm)?;
+    tmpfs(&shm, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777,size=64m")?;
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(name))?;
+    }
+    Ok(())
+}
+
+/// Builds the sandbox's root at `spec.root` and makes it `/`. Must run in a fresh mount
+/// namespace (and PID namespace, for `/proc`), as root.
+pub fn build_root(spec: &LaunchSpec) -> io::Result<()> {
+    // Nothing mounted from here on propagates back to the host.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(|e| err("cannot make private", Path::new("/"), e))?;
+    let root: PathBuf = spec.root.clone();
+    tmpfs(&root, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=0755,size=16m")?;
+    for tree in HOST_TREES {
+        show_host(&Path::new("/").join(tree), &root.join(tree))?;
+    }
+    write_etc(&root, spec)?;
+    build_dev(&root)?;
+
+    let proc_dir = root.join("proc");
+    std::fs::create_dir_all(&proc_dir)?;
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| err("cannot mount proc on", &proc_dir, e))?;
+
+    let tmp = root.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    tmpfs(
+        &tmp,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        &format!("mode=1777,size={}", spec.tmp_bytes.max(1024 * 1024)),
+    )?;
+
+    let workspace = root.join("workspace");
+    std::fs::create_dir_all(&workspace)?;
+    bind(&spec.workspace, &workspace, false)?;
+    for empty in ["root", "home", "run", "var/tmp", "sys"] {
+        std::fs::create_dir_all(root.join(empty))?;
+    }
+
+    // The root itself becomes read-only; the mounts on it keep their own flags.
+    mount(
+        None::<&str>,
+        &root,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=16m"),
+    )
+    .map_err(|e| err("cannot make read-only", &root, e))?;
+
+    // `pivot_root(".", ".")` stacks the old root under the new one; detaching it leaves
+    // nothing of the host reachable.
+    nix::unistd::chdir(&root).map_err(|e| err("cannot enter", &root, e))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| err("cannot pivot_root to", &root, e))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| err("cannot detach the host's root at", Path::new("/"), e))?;
+    nix::unistd::chdir("/workspace").map_err(|e| err("cannot enter", Path::new("/workspace"), e))?;
+    Ok(())
+}
