@@ -250,7 +250,7 @@ impl Jail {
         };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| IsolationError::Launch(format!("cannot make a socket pair: {e}")))?;
-        let mut cmd = tokio::process::Command::new("/proc/self/exe");
+        let mut cmd = tokio::process::Command::new(launch::launcher());
         cmd.arg(launch::LAUNCH)
             .env_clear()
             .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
@@ -346,7 +346,7 @@ impl Jail {
             cwd: PathBuf::from("/workspace"),
             rlimits,
         };
-        let mut cmd = tokio::process::Command::new("/proc/self/exe");
+        let mut cmd = tokio::process::Command::new(launch::launcher());
         cmd.arg(launch::EXEC).env_clear();
         Ok((cmd, to_line(&spec)))
     }

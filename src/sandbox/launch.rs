@@ -39,6 +39,21 @@ pub const LAUNCH: &str = "__sandbox-launch";
 pub const INIT: &str = "__sandbox-init";
 pub const EXEC: &str = "__sandbox-exec";
 
+/// The binary that plays the launcher: this one (`/proc/self/exe`, which still names the
+/// running file after an upgrade replaced it on disk), unless [`set_launcher`] named another.
+static LAUNCHER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Names the sandgate binary to launch sandboxes with, for processes that embed the gateway
+/// but are not that binary (the integration tests). Has no effect once a sandbox started.
+pub fn set_launcher(path: impl Into<std::path::PathBuf>) {
+    let _ = LAUNCHER.set(path.into());
+}
+
+/// The launcher binary (see [`set_launcher`]).
+pub fn launcher() -> &'static std::path::Path {
+    LAUNCHER.get_or_init(|| std::path::PathBuf::from("/proc/self/exe"))
+}
+
 /// Runs the launcher role named by `role`; `None` when `role` is none of them (the normal CLI).
 pub fn dispatch(role: &str) -> Option<ExitCode> {
     match role {

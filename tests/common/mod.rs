@@ -58,6 +58,8 @@ impl TestGateway {
     /// Starts on an existing data dir (for restart tests).
     pub async fn start_in(dir: &Path, extra_toml: &str) -> TestGateway {
         sandgate::telemetry::init_tracing("warn", false);
+        // This test binary embeds the gateway; sandboxes are launched by the real one.
+        sandgate::sandbox::launch::set_launcher(env!("CARGO_BIN_EXE_sandgate"));
         let toml = format!(
             "[gateway]\nbase_domain = \"{BASE}\"\nshutdown_grace_secs = 2\n[store]\ndata_dir = \"data\"\n{extra_toml}"
         );
@@ -817,6 +819,7 @@ impl TestGateway {
     /// the `[store]` table as with [`TestGateway::start_with`].
     pub async fn start_with_gateway(gateway_toml: &str, extra_toml: &str) -> TestGateway {
         sandgate::telemetry::init_tracing("warn", false);
+        sandgate::sandbox::launch::set_launcher(env!("CARGO_BIN_EXE_sandgate"));
         let tmp = tempfile::tempdir().expect("temp dir");
         let toml = format!(
             "[gateway]\nbase_domain = \"{BASE}\"\n{gateway_toml}\n[store]\ndata_dir = \"data\"\n{extra_toml}"
