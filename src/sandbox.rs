@@ -4,6 +4,7 @@
 //! store. The control plane keeps it in step with the store: every create, terminate and
 //! restart-time load goes through [`Routes::upsert`] or [`Routes::remove`].
 
+pub mod egress;
 pub mod process;
 
 use std::cell::RefCell;
