@@ -5,6 +5,7 @@
 //! restart-time load goes through [`Routes::upsert`] or [`Routes::remove`].
 
 pub mod cgroup;
+pub mod egress;
 pub mod isolate;
 pub mod launch;
 pub mod mount;

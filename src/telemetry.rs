@@ -89,6 +89,11 @@ struct RouteLabels {
     route: RouteKind,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressLabels {
+    decision: &'static str,
+}
+
 /// The gateway's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -100,6 +105,10 @@ pub struct Metrics {
     pub connections_refused: Counter,
     pub revoked_connections: Counter,
     pub upgrades: Counter<u64, AtomicU64>,
+    /// Sandbox egress proxy decisions (`sandbox::egress`): a connection or request let out,
+    /// and one refused with a 403. Resolved once, so the proxy takes no family lock.
+    pub egress_allowed: Counter,
+    pub egress_denied: Counter,
     /// Handles into `requests` and `latency`, resolved once: the families hash their labels
     /// and take a lock on every lookup, which the hot path should not pay per request.
     request_counters: Box<[OnceLock<Counter>]>,
@@ -252,6 +261,20 @@ impl Metrics {
             "Protocol upgrades (WebSocket) tunnelled",
             upgrades.clone(),
         );
+        let egress = Family::<EgressLabels, Counter>::default();
+        registry.register(
+            "egress_decisions",
+            "Sandbox egress proxy decisions, allowed or denied",
+            egress.clone(),
+        );
+        let egress_allowed = egress
+            .get_or_create(&EgressLabels {
+                decision: "allowed",
+            })
+            .clone();
+        let egress_denied = egress
+            .get_or_create(&EgressLabels { decision: "denied" })
+            .clone();
         let latency_by_route =
             RouteKind::ALL.map(|route| latency.get_or_create(&RouteLabels { route }).clone());
         Metrics {
@@ -267,6 +290,8 @@ impl Metrics {
             connections_refused,
             revoked_connections,
             upgrades,
+            egress_allowed,
+            egress_denied,
         }
     }
 
