@@ -158,6 +158,7 @@ impl Gateway {
             routes.upsert(&record);
         }
         let tracker = Arc::new(Tracker::new());
+        let metrics = Arc::new(Metrics::new());
         let driver = if config.orchestrator.enabled {
             let identity = crate::sandbox::process::Identity::resolve(&config.orchestrator.run_as)
                 .map_err(OpenError::Orchestrator)?;
@@ -192,6 +193,7 @@ impl Gateway {
                 identity,
                 config.cluster.node_name.clone(),
                 isolation,
+                Arc::clone(&metrics),
             ));
             let ended = driver.reconcile().await?;
             if ended > 0 {
@@ -218,7 +220,7 @@ impl Gateway {
             tokens,
             routes,
             tracker,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             certs,
             driver,
             api_limits: crate::api::RateLimits::new(&config.api),

@@ -160,6 +160,7 @@ impl Isolator {
             cgroup: Mutex::new(Some(cgroup)),
             dir,
             egress_listener: Mutex::new(listeners.into_iter().next()),
+            egress_stop: tokio_util::sync::CancellationToken::new(),
             namespaces: Mutex::new(None),
         })
     }
@@ -201,6 +202,8 @@ pub struct Jail {
     dir: PathBuf,
     /// The egress proxy's socket inside the namespace, until the driver takes it.
     egress_listener: Mutex<Option<std::net::TcpListener>>,
+    /// Ends the egress proxy (and its tunnels) with the sandbox.
+    egress_stop: tokio_util::sync::CancellationToken,
     /// Descriptors of the sandbox's other namespaces, once it is built (for exec).
     namespaces: Mutex<Option<Vec<(String, OwnedFd)>>>,
 }
@@ -218,6 +221,26 @@ impl std::fmt::Debug for Jail {
 const BUILD_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Jail {
+    /// Serves the sandbox's egress proxy (when it has egress) until the sandbox ends.
+    pub fn serve_egress(
+        &self,
+        policy: crate::sandbox::egress::EgressPolicy,
+        metrics: Arc<crate::telemetry::Metrics>,
+    ) -> std::io::Result<()> {
+        let Some(listener) = self.take_egress_listener() else {
+            return Ok(());
+        };
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        tokio::spawn(crate::sandbox::egress::serve(
+            listener,
+            Arc::new(policy),
+            self.id.clone(),
+            metrics,
+            self.egress_stop.clone(),
+        ));
+        Ok(())
+    }
+
     /// The egress proxy's listening socket (once).
     pub fn take_egress_listener(&self) -> Option<std::net::TcpListener> {
         self.egress_listener
@@ -402,6 +425,7 @@ impl Jail {
             return;
         };
         drop(self.take_egress_listener());
+        self.egress_stop.cancel();
         self.namespaces
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -145,6 +145,8 @@ pub struct Driver {
     /// The unprivileged user sandboxes run as; `None`: the gateway's own user.
     identity: Option<Identity>,
     isolation: Isolation,
+    /// Egress decisions are counted here.
+    metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// An unprivileged account for sandbox processes. Running them as the gateway's user would let
@@ -206,8 +208,10 @@ impl Driver {
         identity: Option<Identity>,
         node: String,
         isolation: Isolation,
+        metrics: Arc<crate::telemetry::Metrics>,
     ) -> Driver {
         Driver {
+            metrics,
             node,
             identity,
             isolation,
@@ -376,6 +380,24 @@ impl Driver {
             &ports,
         );
         if egress {
+            let hosts: BTreeMap<String, String> = self
+                .cfg
+                .egress_hosts
+                .iter()
+                .map(|(name, addr)| (name.clone(), addr.to_string()))
+                .collect();
+            let served = crate::sandbox::egress::EgressPolicy::new(&record.process.egress, &hosts)
+                .map_err(|e| e.to_string())
+                .and_then(|policy| {
+                    jail.serve_egress(policy, Arc::clone(&self.metrics))
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = served {
+                jail.release().await;
+                return Err(DriverError::Isolation(IsolationError::Launch(format!(
+                    "cannot start the egress proxy: {e}"
+                ))));
+            }
             let proxy = format!("http://127.0.0.1:{EGRESS_PORT}");
             for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
                 env.insert(name.into(), proxy.clone());
