@@ -654,7 +654,9 @@ async fn check_upstream(gw: &Gateway, host: &str, ports: &[u16]) -> Result<(), H
             policy
                 .check(SocketAddr::new(addr.ip(), port))
                 .map_err(|refused| {
-                    HttpError::invalid_argument(format!("upstream `{host}` resolves to {refused}"))
+                    HttpError::invalid_argument(format!(
+                        "upstream `{host}` resolves to a refused address: {refused}"
+                    ))
                 })?;
         }
     }
