@@ -629,7 +629,8 @@ async fn create_sandbox(
 /// Holds an `upstream` to the gateway's upstream policy on each published port (the
 /// own-listener rule is about ports): an IP literal as it is, a host name by what it resolves
 /// to now. A name that does not resolve yet is accepted: the proxy resolves it again at every
-/// connect and holds each address to the same rules then.
+/// connect and holds each address to the same rules then. Messages name the address (a parsed
+/// IP, never the caller's text: error messages do not echo requests).
 async fn check_upstream(gw: &Gateway, host: &str, ports: &[u16]) -> Result<(), HttpError> {
     use std::net::{IpAddr, SocketAddr};
     let policy = &gw.upstream_policy;
@@ -655,7 +656,7 @@ async fn check_upstream(gw: &Gateway, host: &str, ports: &[u16]) -> Result<(), H
                 .check(SocketAddr::new(addr.ip(), port))
                 .map_err(|refused| {
                     HttpError::invalid_argument(format!(
-                        "upstream `{host}` resolves to a refused address: {refused}"
+                        "upstream resolves to a refused address: {refused}"
                     ))
                 })?;
         }

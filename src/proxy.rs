@@ -515,7 +515,11 @@ impl Proxy {
             // The same connector as the pooled client's, so an upgrade is held to the same
             // upstream policy (it bounds itself by the connect timeout).
             let port = target.authority.port_u16().unwrap_or(80);
-            match self.policed_connector.connect(target.authority.host(), port).await {
+            match self
+                .policed_connector
+                .connect(target.authority.host(), port)
+                .await
+            {
                 Ok(s) => s,
                 Err(upstream::ConnectError::Refused { host, refused }) => {
                     return Err(policy_refusal(route, &host, &refused))

@@ -117,8 +117,7 @@ pub async fn run(
     let cfg = gw.config.gateway.clone();
     // The upstream policy refuses the gateway's own listeners, wherever they were really
     // bound (a configured port 0 is only known now).
-    if let (Ok(tls), Ok(telemetry)) = (listeners.gateway_addr(), listeners.telemetry.local_addr())
-    {
+    if let (Ok(tls), Ok(telemetry)) = (listeners.gateway_addr(), listeners.telemetry.local_addr()) {
         gw.upstream_policy.set_listeners(tls, telemetry);
     }
     let shared = Arc::new(Shared {

@@ -14,7 +14,12 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{self, Message};
 
-async fn register(gw: &TestGateway, key: &str, upstream: &str, ports: &[u16]) -> (StatusCode, Value) {
+async fn register(
+    gw: &TestGateway,
+    key: &str,
+    upstream: &str,
+    ports: &[u16],
+) -> (StatusCode, Value) {
     gw.api_as(
         key,
         Method::POST,
@@ -59,7 +64,11 @@ async fn registering_an_upstream_needs_the_upstreams_write_scope() {
         let (status, _) = register(&gw, key, "169.254.169.254", &[80]).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
     }
-    assert_eq!(sandbox_count(&gw).await, 0, "a refused call created a sandbox");
+    assert_eq!(
+        sandbox_count(&gw).await,
+        0,
+        "a refused call created a sandbox"
+    );
 
     for key in [&both, &admin] {
         let (status, v) = register(&gw, key, "127.0.0.1", &[9]).await;
@@ -95,7 +104,7 @@ async fn every_refused_address_class_is_422_naming_the_address_and_upstream_allo
         ("127.0.0.1", vec![echo.port(), telemetry_port], "127.0.0.1"),
         ("::ffff:127.0.0.1", vec![telemetry_port], "127.0.0.1"),
         // A name is held to the rules by what it resolves to now (from /etc/hosts).
-        ("localhost", vec![telemetry_port], "localhost"),
+        ("localhost", vec![telemetry_port], "127.0.0.1"),
     ];
     for (upstream, ports, named) in &cases {
         let (status, v) = register(&gw, &admin, upstream, ports).await;
@@ -111,11 +120,20 @@ async fn every_refused_address_class_is_422_naming_the_address_and_upstream_allo
     }
     let own = register(&gw, &admin, "127.0.0.1", &[tls_port]).await.1;
     let msg = own["error"]["message"].as_str().unwrap();
-    assert!(msg.contains(&format!("127.0.0.1:{tls_port}")) && msg.contains("TLS"), "{msg}");
-    let own = register(&gw, &admin, "127.0.0.1", &[telemetry_port]).await.1;
+    assert!(
+        msg.contains(&format!("127.0.0.1:{tls_port}")) && msg.contains("TLS"),
+        "{msg}"
+    );
+    let own = register(&gw, &admin, "127.0.0.1", &[telemetry_port])
+        .await
+        .1;
     let msg = own["error"]["message"].as_str().unwrap();
     assert!(msg.contains("telemetry"), "{msg}");
-    assert_eq!(sandbox_count(&gw).await, 0, "a refused upstream was registered");
+    assert_eq!(
+        sandbox_count(&gw).await,
+        0,
+        "a refused upstream was registered"
+    );
 
     // Loopback on another port, and other ordinary addresses, are fine by default.
     for upstream in ["127.0.0.1", "::1", "localhost", "10.1.2.3"] {
@@ -128,16 +146,31 @@ async fn every_refused_address_class_is_422_naming_the_address_and_upstream_allo
 async fn upstream_allow_narrows_registration() {
     let gw = TestGateway::start_with_gateway("upstream_allow = [\"10.0.0.0/8\"]", "").await;
     let admin = gw.admin_key.clone();
-    for upstream in ["127.0.0.1", "::1", "localhost", "192.168.1.1", "::ffff:127.0.0.1"] {
+    for (upstream, named) in [
+        ("127.0.0.1", "127.0.0.1"),
+        ("::1", "::1"),
+        ("localhost", "127.0.0.1"),
+        ("192.168.1.1", "192.168.1.1"),
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+    ] {
         let (status, v) = register(&gw, &admin, upstream, &[8000]).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{upstream}: {v}");
         let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains("upstream_allow") && msg.contains(upstream), "{msg}");
+        assert!(
+            msg.contains("upstream_allow") && msg.contains(named),
+            "{msg}"
+        );
     }
     // The fixed rules still hold inside the allowed networks' reach: named as what they are.
     let (status, v) = register(&gw, &admin, "169.254.169.254", &[80]).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(v["error"]["message"].as_str().unwrap().contains("link-local"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("link-local"),
+        "{v}"
+    );
     assert_eq!(sandbox_count(&gw).await, 0);
 
     // Inside the list: accepted (registration only; nothing is sent there).
@@ -181,7 +214,11 @@ async fn addresses_are_checked_again_at_every_connect() {
     for (id, token) in [(&by_name, &name_token), (&by_ip, &ip_token)] {
         let resp = gw
             .tls()
-            .get(&sandbox_host(port, id), "/before", &[("x-sandgate-token", token)])
+            .get(
+                &sandbox_host(port, id),
+                "/before",
+                &[("x-sandgate-token", token)],
+            )
             .await;
         assert_eq!(resp.status(), StatusCode::OK, "{id}");
     }
@@ -195,13 +232,20 @@ async fn addresses_are_checked_again_at_every_connect() {
     for (id, token) in [(&by_name, &name_token), (&by_ip, &ip_token)] {
         let resp = gw
             .tls()
-            .get(&sandbox_host(port, id), "/after", &[("x-sandgate-token", token)])
+            .get(
+                &sandbox_host(port, id),
+                "/after",
+                &[("x-sandgate-token", token)],
+            )
             .await;
         assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{id}");
         let v = json_body(&resp);
         assert_eq!(v["error"]["code"], "upstream_unreachable", "{v}");
         let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains("upstream policy") && msg.contains("upstream_allow"), "{msg}");
+        assert!(
+            msg.contains("upstream policy") && msg.contains("upstream_allow"),
+            "{msg}"
+        );
         // The internal address is for the log, not for whoever holds the link.
         assert!(!msg.contains("127.0.0.1"), "{msg}");
     }
@@ -246,8 +290,13 @@ async fn process_sandboxes_need_no_upstream_scope_and_are_not_policed() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
-    let v = wait_for_status(&gw, &id, &["running", "failed"], std::time::Duration::from_secs(15))
-        .await;
+    let v = wait_for_status(
+        &gw,
+        &id,
+        &["running", "failed"],
+        std::time::Duration::from_secs(15),
+    )
+    .await;
     assert_eq!(v["status"], "running", "{v}");
     let token = gw.token(&id, 8000).await;
     let host = sandbox_host(8000, &id);

@@ -41,7 +41,9 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.network, unmap(ip)) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(ip) & mask == u32::from(net)
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -369,8 +371,7 @@ impl PolicedConnector {
             self.policy.check(address).map_err(refused)?;
             return connect_one(address, deadline).await;
         }
-        let addrs = match tokio::time::timeout_at(deadline, resolve(bare.to_owned(), port)).await
-        {
+        let addrs = match tokio::time::timeout_at(deadline, resolve(bare.to_owned(), port)).await {
             Err(_) => return Err(ConnectError::Timeout),
             Ok(Err(source)) => {
                 return Err(ConnectError::Resolve {
@@ -381,10 +382,7 @@ impl PolicedConnector {
             Ok(Ok(addrs)) if addrs.is_empty() => {
                 return Err(ConnectError::Resolve {
                     host: host.into(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "no addresses",
-                    ),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
                 })
             }
             Ok(Ok(addrs)) => addrs,
@@ -482,7 +480,14 @@ mod tests {
 
     #[test]
     fn cidrs_parse_strictly() {
-        for good in ["10.0.0.0/8", "0.0.0.0/0", "10.1.2.3/32", "fd00::/8", "::/0", "::1/128"] {
+        for good in [
+            "10.0.0.0/8",
+            "0.0.0.0/0",
+            "10.1.2.3/32",
+            "fd00::/8",
+            "::/0",
+            "::1/128",
+        ] {
             let c: Cidr = good.parse().unwrap();
             assert_eq!(c.to_string(), good);
         }
@@ -596,7 +601,12 @@ mod tests {
 
         // A listener on an unspecified address answers on every local address.
         let wide = UpstreamPolicy::new(Vec::new(), sa("0.0.0.0:443"), sa("[::]:9464"));
-        for addr in ["127.0.0.1:443", "127.8.9.10:443", "[::1]:443", "127.0.0.1:9464"] {
+        for addr in [
+            "127.0.0.1:443",
+            "127.8.9.10:443",
+            "[::1]:443",
+            "127.0.0.1:9464",
+        ] {
             assert!(
                 matches!(reason(&wide, addr), Some(Reason::OwnListener(_))),
                 "{addr}"
@@ -637,7 +647,10 @@ mod tests {
             assert!(msg.contains("upstream_allow"), "{msg}");
         }
         let msg = p.check(sa("127.0.0.1:8443")).unwrap_err().to_string();
-        assert!(msg.contains("127.0.0.1:8443") && msg.contains("TLS"), "{msg}");
+        assert!(
+            msg.contains("127.0.0.1:8443") && msg.contains("TLS"),
+            "{msg}"
+        );
     }
 
     /// A listener the policy calls the gateway's own, and a policy around it.
@@ -645,7 +658,10 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let p = policy(&[]);
         p.set_listeners(l.local_addr().unwrap(), sa("127.0.0.1:9"));
-        (l, PolicedConnector::new(Arc::new(p), Duration::from_secs(5)))
+        (
+            l,
+            PolicedConnector::new(Arc::new(p), Duration::from_secs(5)),
+        )
     }
 
     /// Nothing connected to `l` within a moment.
@@ -681,7 +697,10 @@ mod tests {
         match second {
             Err(ConnectError::Refused { host, refused }) => {
                 assert_eq!(&*host, "box.internal");
-                assert_eq!(refused.address, SocketAddr::new([127, 0, 0, 1].into(), port));
+                assert_eq!(
+                    refused.address,
+                    SocketAddr::new([127, 0, 0, 1].into(), port)
+                );
                 assert_eq!(refused.reason, Reason::OwnListener(Listener::Tls));
             }
             other => panic!("not refused: {other:?}"),
@@ -724,7 +743,9 @@ mod tests {
         assert!(stream.is_ok(), "{stream:?}");
         other.accept().await.unwrap();
         let resolved = |_: String, _: u16| async { Ok(vec![sa("127.0.0.1:0")]) };
-        let stream = connector.connect_with("box.internal", other_port, resolved).await;
+        let stream = connector
+            .connect_with("box.internal", other_port, resolved)
+            .await;
         assert!(stream.is_ok(), "{stream:?}");
         other.accept().await.unwrap();
     }
@@ -733,10 +754,9 @@ mod tests {
     async fn refusals_are_found_through_hypers_error_chain() {
         let (l, connector) = own_listener().await;
         let port = l.local_addr().unwrap().port();
-        let client = hyper_util::client::legacy::Client::builder(
-            hyper_util::rt::TokioExecutor::new(),
-        )
-        .build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
         let err = client
             .get(format!("http://127.0.0.1:{port}/").parse().unwrap())
             .await
