@@ -350,7 +350,7 @@ async fn create_credential(
     for s in &body.scopes {
         let scope = Scope::parse(s).ok_or_else(|| {
             HttpError::invalid_argument(
-                "unknown scope; use admin, sandboxes:read, sandboxes:write, tokens:issue, tokens:revoke",
+                "unknown scope; use admin, sandboxes:read, sandboxes:write, upstreams:write, tokens:issue, tokens:revoke",
             )
         })?;
         if !scopes.contains(&scope) {
@@ -525,7 +525,11 @@ async fn create_sandbox(
             }
             None
         }
-        (None, Some(u)) => Some(validate_upstream(u)?),
+        (None, Some(u)) => {
+            // An upstream points the proxy at the network: a scope of its own.
+            caller.require(Scope::UpstreamsWrite)?;
+            Some(validate_upstream(u)?)
+        }
     };
     for (key, value) in &body.env {
         let valid = !key.is_empty()
@@ -553,6 +557,9 @@ async fn create_sandbox(
         return Err(HttpError::invalid_argument(
             "ports must be distinct numbers 1-65535",
         ));
+    }
+    if let Some(host) = &upstream {
+        check_upstream(&gw, host, &ports).await?;
     }
     for origin in &body.cors_origins {
         validate_origin(origin)?;
@@ -619,7 +626,46 @@ async fn create_sandbox(
     Ok(created(SandboxView::of(&record)))
 }
 
-/// An upstream is a bare host: an IP literal or a DNS name, no scheme, port or path.
+/// Holds an `upstream` to the gateway's upstream policy on each published port (the
+/// own-listener rule is about ports): an IP literal as it is, a host name by what it resolves
+/// to now. A name that does not resolve yet is accepted: the proxy resolves it again at every
+/// connect and holds each address to the same rules then. Messages name the address (a parsed
+/// IP, never the caller's text: error messages do not echo requests).
+async fn check_upstream(gw: &Gateway, host: &str, ports: &[u16]) -> Result<(), HttpError> {
+    use std::net::{IpAddr, SocketAddr};
+    let policy = &gw.upstream_policy;
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        for &port in ports {
+            policy
+                .check(SocketAddr::new(ip, port))
+                .map_err(|refused| HttpError::invalid_argument(format!("upstream {refused}")))?;
+        }
+        return Ok(());
+    }
+    let resolved = tokio::time::timeout(
+        gw.config.gateway.upstream_connect_timeout,
+        tokio::net::lookup_host((host, 0)),
+    )
+    .await;
+    let Ok(Ok(addrs)) = resolved else {
+        return Ok(());
+    };
+    for addr in addrs {
+        for &port in ports {
+            policy
+                .check(SocketAddr::new(addr.ip(), port))
+                .map_err(|refused| {
+                    HttpError::invalid_argument(format!(
+                        "upstream resolves to a refused address: {refused}"
+                    ))
+                })?;
+        }
+    }
+    Ok(())
+}
+
+/// An upstream is a bare host: an IP literal or a DNS name, no scheme, port or path. An IP
+/// literal is kept in its canonical form.
 fn validate_upstream(u: &str) -> Result<String, HttpError> {
     let u = u.trim();
     let bad = || {
@@ -627,8 +673,8 @@ fn validate_upstream(u: &str) -> Result<String, HttpError> {
             "upstream must be a bare host such as 10.0.3.7, ::1 or sandbox-7.internal (no scheme, port or path)",
         )
     };
-    if u.parse::<std::net::IpAddr>().is_ok() {
-        return Ok(u.to_string());
+    if let Ok(ip) = u.parse::<std::net::IpAddr>() {
+        return Ok(ip.to_string());
     }
     let name = u.trim_end_matches('.').to_ascii_lowercase();
     let ok = !name.is_empty()
@@ -639,6 +685,14 @@ fn validate_upstream(u: &str) -> Result<String, HttpError> {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        // A last label that is a number (`2852039166`, `127.1`, `0x7f.1`) is an IPv4 address
+        // in a legacy notation the resolver would accept: only the dotted form is.
+        && !name.rsplit('.').next().is_some_and(|last| {
+            last.bytes().all(|b| b.is_ascii_digit())
+                || last
+                    .strip_prefix("0x")
+                    .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
         });
     if ok {
         Ok(name)
@@ -1161,6 +1215,12 @@ mod tests {
         assert!(validate_upstream("10.0.3.7").is_ok());
         assert!(validate_upstream("::1").is_ok());
         assert_eq!(
+            validate_upstream("::FFFF:169.254.169.254").unwrap(),
+            "::ffff:169.254.169.254"
+        );
+        assert_eq!(validate_upstream("box.0xfe-7").unwrap(), "box.0xfe-7");
+        assert_eq!(validate_upstream("3box.internal").unwrap(), "3box.internal");
+        assert_eq!(
             validate_upstream("Box-7.Internal").unwrap(),
             "box-7.internal"
         );
@@ -1171,6 +1231,10 @@ mod tests {
             "",
             "a..b",
             "169.254.169.254/latest",
+            "2852039166",
+            "127.1",
+            "0x7f.0.0.1",
+            "0xa9fea9fe",
         ] {
             assert!(validate_upstream(bad).is_err(), "{bad}");
         }

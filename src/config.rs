@@ -113,6 +113,7 @@ struct RawGateway {
     h2_max_concurrent_streams: u32,
     websocket_idle_timeout_secs: u64,
     workers: usize,
+    upstream_allow: Vec<String>,
 }
 
 impl Default for RawGateway {
@@ -136,6 +137,7 @@ impl Default for RawGateway {
             h2_max_concurrent_streams: 256,
             websocket_idle_timeout_secs: 600,
             workers: 0,
+            upstream_allow: Vec::new(),
         }
     }
 }
@@ -356,6 +358,9 @@ pub struct GatewayConfig {
     /// (`SO_REUSEPORT`), so a connection and its upstream stay on one core. `0` in the file
     /// means one per available core.
     pub workers: usize,
+    /// The networks `upstream` sandboxes may be in (empty: any address the fixed rules of
+    /// [`crate::proxy::upstream::UpstreamPolicy`] let through).
+    pub upstream_allow: Vec<crate::proxy::upstream::Cidr>,
 }
 
 /// The plain-HTTP loopback listener for metrics and health, and logging.
@@ -538,8 +543,15 @@ impl Config {
                 Ok(Duration::from_secs(v))
             }
         };
+        let upstream_allow = g
+            .upstream_allow
+            .iter()
+            .map(|c| c.trim().parse())
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|message| invalid("gateway.upstream_allow", message))?;
         let gateway = GatewayConfig {
             listen,
+            upstream_allow,
             public_port: g.public_port.unwrap_or(listen.port()),
             base_domain,
             max_header_bytes: g.max_header_bytes,
@@ -909,6 +921,39 @@ mod tests {
         assert!(!prod.tls.dev_cert);
         assert_eq!(prod.gateway.public_port, 443);
         assert!(prod.telemetry.log_json);
+    }
+
+    #[test]
+    fn upstream_allow_is_a_list_of_networks() {
+        assert!(parse("").unwrap().gateway.upstream_allow.is_empty());
+        let c = parse("[gateway]\nupstream_allow = [\"10.0.0.0/8\", \" fd00::/8 \"]\n").unwrap();
+        let shown: Vec<String> = c
+            .gateway
+            .upstream_allow
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["10.0.0.0/8", "fd00::/8"]);
+        for (bad, says) in [
+            ("10.0.0.1/8", "write 10.0.0.0/8"),
+            ("10.0.0.0", "prefix is required"),
+            ("intranet/8", "not an IP address"),
+            ("10.0.0.0/40", "0 to 32"),
+        ] {
+            let text = format!("[gateway]\nupstream_allow = [\"10.0.0.0/8\", \"{bad}\"]\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("gateway.upstream_allow") && err.contains(bad) && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
+        let err = parse("[gateway]\nupstream_allow = \"10.0.0.0/8\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstream_allow"), "{err}");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let prod = Config::load(&dir.join("production.example.toml")).unwrap();
+        assert!(!prod.gateway.upstream_allow.is_empty());
     }
 
     #[test]

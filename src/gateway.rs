@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::credential::{self, Scope, Secret};
+use crate::proxy::upstream::UpstreamPolicy;
 use crate::sandbox::process::Driver;
 use crate::sandbox::Routes;
 use crate::store::{AuditEvent, CredentialRecord, Store, StoreError, StoredSigningKey};
@@ -59,6 +60,9 @@ pub struct Gateway {
     pub driver: Option<Arc<Driver>>,
     /// Control API rate limits.
     pub api_limits: crate::api::RateLimits,
+    /// Where `upstream` sandboxes may point the proxy: checked by the control API when one is
+    /// registered, and by the proxy's connector at every connect.
+    pub upstream_policy: Arc<UpstreamPolicy>,
     /// Audit events on their way to the store, committed in groups.
     audit_log: AuditLog,
     /// When this process opened the gateway (its node's `started_at`).
@@ -203,6 +207,7 @@ impl Gateway {
             certs,
             driver,
             api_limits: crate::api::RateLimits::new(&config.api),
+            upstream_policy: Arc::new(UpstreamPolicy::from_config(&config)),
 
             config,
         }))

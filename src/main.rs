@@ -226,7 +226,8 @@ enum CredentialCommand {
     Create {
         #[arg(long)]
         name: String,
-        /// admin, sandboxes:read, sandboxes:write, tokens:issue, tokens:revoke (repeat).
+        /// admin, sandboxes:read, sandboxes:write, upstreams:write, tokens:issue, tokens:revoke
+        /// (repeat; an `upstream` sandbox needs sandboxes:write and upstreams:write).
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
         /// Expire the credential after this long.

@@ -9,6 +9,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod upstream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -36,6 +37,7 @@ use crate::unix_now;
 
 use self::body::GuardedBody;
 use self::headers::Identity;
+use self::upstream::PolicedConnector;
 
 /// The client's address, put in request extensions for the control API's audit log.
 #[derive(Debug, Clone, Copy)]
@@ -106,7 +108,13 @@ enum Target<'a> {
 /// The data plane service shared by every connection.
 pub struct Proxy {
     gw: Arc<Gateway>,
+    /// For process sandboxes, at addresses the orchestrator chose.
     client: Client<HttpConnector, Body>,
+    /// For `upstream` sandboxes, whose addresses an API caller chose: every new connection is
+    /// held to the upstream policy, a host name resolved afresh each time.
+    policed: Client<PolicedConnector, Body>,
+    /// The same connector, for WebSocket upgrades (which dial their own connection).
+    policed_connector: PolicedConnector,
     api: axum::Router,
     /// `.<base_domain>`: the suffix of every sandbox host.
     sandbox_suffix: Box<str>,
@@ -127,15 +135,23 @@ impl Proxy {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(cfg.upstream_connect_timeout));
         connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .pool_max_idle_per_host(256)
-            .set_host(false)
-            .build(connector);
+            .set_host(false);
+        let client = builder.build(connector);
+        let policed_connector = PolicedConnector::new(
+            Arc::clone(&gw.upstream_policy),
+            cfg.upstream_connect_timeout,
+        );
+        let policed = builder.build(policed_connector.clone());
         Proxy {
             sandbox_suffix: format!(".{}", cfg.base_domain).into(),
             gw,
             client,
+            policed,
+            policed_connector,
             api,
             hard_stop,
         }
@@ -436,7 +452,7 @@ impl Proxy {
             *up.uri_mut() = origin_form;
             *up.headers_mut() = hdrs;
             return match self
-                .upgrade(up, on_client_upgrade, target, ctx, offered_marker)
+                .upgrade(up, on_client_upgrade, route, target, ctx, offered_marker)
                 .await
             {
                 Ok(r) => r,
@@ -453,14 +469,17 @@ impl Proxy {
         *up.method_mut() = method;
         *up.uri_mut() = upstream_uri;
         *up.headers_mut() = hdrs;
-        let response = match tokio::time::timeout(
-            cfg.upstream_response_timeout,
-            self.client.request(up),
-        )
-        .await
-        {
+        let request = if route.policed {
+            self.policed.request(up)
+        } else {
+            self.client.request(up)
+        };
+        let response = match tokio::time::timeout(cfg.upstream_response_timeout, request).await {
             Err(_) => return fail(HttpError::upstream_timeout()),
             Ok(Err(err)) => {
+                if let Some((host, refused)) = upstream::refusal(&err) {
+                    return fail(policy_refusal(route, host, refused));
+                }
                 tracing::debug!(error = %err, sandbox = %route.id, "upstream request failed");
                 // The client's body failed while it was being forwarded: the client's fault,
                 // not the sandbox's. What is left of that body is unread, so HTTP/1 closes.
@@ -483,6 +502,7 @@ impl Proxy {
         &self,
         up: Request<Body>,
         on_client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        route: &Route,
         target: &PortTarget,
         ctx: &Arc<ConnContext>,
         offered_marker: bool,
@@ -491,17 +511,36 @@ impl Proxy {
         let Some(on_client_upgrade) = on_client_upgrade else {
             return Err(HttpError::bad_request("this connection cannot be upgraded"));
         };
-        let stream = match tokio::time::timeout(
-            cfg.upstream_connect_timeout,
-            tokio::net::TcpStream::connect(target.authority.as_str()),
-        )
-        .await
-        {
-            Err(_) => return Err(HttpError::upstream_timeout()),
-            Ok(Err(_)) => return Err(HttpError::upstream_unreachable()),
-            Ok(Ok(s)) => s,
+        let stream = if route.policed {
+            // The same connector as the pooled client's, so an upgrade is held to the same
+            // upstream policy (it bounds itself by the connect timeout).
+            let port = target.authority.port_u16().unwrap_or(80);
+            match self
+                .policed_connector
+                .connect(target.authority.host(), port)
+                .await
+            {
+                Ok(s) => s,
+                Err(upstream::ConnectError::Refused { host, refused }) => {
+                    return Err(policy_refusal(route, &host, &refused))
+                }
+                Err(upstream::ConnectError::Timeout) => return Err(HttpError::upstream_timeout()),
+                Err(_) => return Err(HttpError::upstream_unreachable()),
+            }
+        } else {
+            let stream = match tokio::time::timeout(
+                cfg.upstream_connect_timeout,
+                tokio::net::TcpStream::connect(target.authority.as_str()),
+            )
+            .await
+            {
+                Err(_) => return Err(HttpError::upstream_timeout()),
+                Ok(Err(_)) => return Err(HttpError::upstream_unreachable()),
+                Ok(Ok(s)) => s,
+            };
+            let _ = stream.set_nodelay(true);
+            stream
         };
-        let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|_| HttpError::upstream_unreachable())?;
@@ -648,6 +687,19 @@ enum Admitted {
         claims: Arc<Claims>,
         cookie_token: String,
     },
+}
+
+/// Logs a connection the upstream policy refused (which sandbox, its host, the address; nothing
+/// secret) and gives the answer for it.
+fn policy_refusal(route: &Route, host: &str, refused: &upstream::Refused) -> HttpError {
+    tracing::warn!(
+        sandbox = %route.id,
+        host,
+        address = %refused.address,
+        reason = %refused,
+        "upstream address refused by the upstream policy"
+    );
+    HttpError::upstream_refused()
 }
 
 /// The answer for an upstream request that failed because the client's body did (too large,

@@ -115,6 +115,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let cfg = gw.config.gateway.clone();
+    // The upstream policy refuses the gateway's own listeners, wherever they were really
+    // bound (a configured port 0 is only known now).
+    if let (Ok(tls), Ok(telemetry)) = (listeners.gateway_addr(), listeners.telemetry.local_addr()) {
+        gw.upstream_policy.set_listeners(tls, telemetry);
+    }
     let shared = Arc::new(Shared {
         acceptor: TlsAcceptor::from(crate::tls::server_config(Arc::clone(&gw.certs))?),
         protocols: Protocols::new(&cfg),

@@ -196,6 +196,53 @@ async fn credentials_are_created_listed_and_revoked() {
 }
 
 #[tokio::test]
+async fn an_upstreams_write_credential_made_by_the_cli_registers_upstreams() {
+    let gw = TestGateway::start().await;
+    let cli = Cli::new(&gw);
+    let out = cli
+        .run(&[
+            "credential",
+            "create",
+            "--name",
+            "registrar",
+            "--scope",
+            "sandboxes:write",
+            "--scope",
+            "upstreams:write",
+        ])
+        .await
+        .ok();
+    let secret = field(&out.stdout, "secret:").to_string();
+    let create = [
+        "sandbox",
+        "create",
+        "--upstream",
+        "127.0.0.1",
+        "--port",
+        "9",
+    ];
+    let out = cli.run_as(&secret, &create).await.ok();
+    assert!(is_id(out.stdout.trim()), "{}", out.stdout);
+    // Refused by the upstream policy whoever asks: the gateway's own TLS port.
+    let own = gw.addr.port().to_string();
+    let out = cli
+        .run_as(
+            &secret,
+            &[
+                "sandbox",
+                "create",
+                "--upstream",
+                "127.0.0.1",
+                "--port",
+                &own,
+            ],
+        )
+        .await;
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(out.stderr.contains("upstream_allow"), "{}", out.stderr);
+}
+
+#[tokio::test]
 async fn upstream_sandboxes_are_created_listed_shown_and_removed() {
     let gw = TestGateway::start().await;
     let cli = Cli::new(&gw);

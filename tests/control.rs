@@ -11,10 +11,11 @@ use common::*;
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
-const SCOPES: [&str; 5] = [
+const SCOPES: [&str; 6] = [
     "admin",
     "sandboxes:read",
     "sandboxes:write",
+    "upstreams:write",
     "tokens:issue",
     "tokens:revoke",
 ];
@@ -66,7 +67,8 @@ fn endpoints(sandbox: &str, credential: &str) -> Vec<Call> {
             Method::POST,
             "/v1/sandboxes".into(),
             Some(json!({"upstream": "127.0.0.1", "ports": [9]})),
-            "sandboxes:write",
+            // Both `sandboxes:write` and `upstreams:write`: no single scope but admin allows it.
+            "sandboxes:write + upstreams:write",
         ),
         call(
             "list sandboxes",
@@ -253,7 +255,12 @@ async fn every_endpoint_checks_every_scope() {
 #[tokio::test]
 async fn a_credential_sees_and_touches_only_its_own_sandboxes() {
     let gw = TestGateway::start().await;
-    let scopes = json!(["sandboxes:read", "sandboxes:write", "tokens:issue"]);
+    let scopes = json!([
+        "sandboxes:read",
+        "sandboxes:write",
+        "upstreams:write",
+        "tokens:issue"
+    ]);
     let (a_id, a) = create_credential(&gw, json!({"name": "a", "scopes": scopes})).await;
     let (b_id, b) = create_credential(&gw, json!({"name": "b", "scopes": scopes})).await;
     let new_sandbox = |key: String| {
@@ -475,7 +482,7 @@ async fn a_credential_cannot_mint_tokens_beyond_its_maximum_lifetime() {
         &gw,
         json!({
             "name": "capped",
-            "scopes": ["sandboxes:write", "tokens:issue"],
+            "scopes": ["sandboxes:write", "upstreams:write", "tokens:issue"],
             "max_token_ttl_secs": 60,
         }),
     )
@@ -626,7 +633,7 @@ async fn the_audit_log_records_who_did_what_newest_first() {
         &gw,
         json!({
             "name": "worker",
-            "scopes": ["sandboxes:write", "tokens:issue", "tokens:revoke"],
+            "scopes": ["sandboxes:write", "upstreams:write", "tokens:issue", "tokens:revoke"],
         }),
     )
     .await;
