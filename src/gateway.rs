@@ -376,6 +376,11 @@ fn create_private_dir(path: &Path) -> Result<(), OpenError> {
         path: path.display().to_string(),
         source,
     };
+    #[cfg(unix)]
+    let before = std::fs::metadata(path).ok().map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
     std::fs::create_dir_all(path).map_err(err)?;
     #[cfg(unix)]
     {
@@ -383,6 +388,19 @@ fn create_private_dir(path: &Path) -> Result<(), OpenError> {
         // Others may traverse (sandbox users reach their own directories below it) but not
         // list; every secret inside is a 0600 file or sits in a 0700 folder.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711)).map_err(err)?;
+        // An existing data dir that others could list or write was widened by something
+        // other than sandgate (which leaves it 0711): say so, since whatever did it may do it
+        // again, and what it exposed meanwhile is worth a look. Not `chmod 700`: the others'
+        // execute bit is what lets sandboxes running as `nobody` reach their folders.
+        if let Some(mode) = before.filter(|mode| mode & 0o066 != 0) {
+            tracing::warn!(
+                data_dir = %path.display(),
+                mode = %format!("{mode:04o}"),
+                "the data dir was open to other users (they could list or write it); sandgate \
+                 set it back to 0711. Find what widened it (a deploy step, a copy, an umask) \
+                 and check what else in it others could read"
+            );
+        }
     }
     Ok(())
 }
