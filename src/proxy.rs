@@ -718,13 +718,14 @@ fn access_line(
     };
     tracing::info!(
         target: "sandgate::access",
-        method = method.as_str(),
-        route = routed.kind.as_str(),
-        sandbox,
+        method = %method,
+        route = %routed.kind.as_str(),
+        sandbox = sandbox.map(tracing::field::display),
         port,
         status = response.status().as_u16(),
         bytes = http_body::Body::size_hint(response.body()).exact(),
-        duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+        // Microsecond resolution: most answers take well under a millisecond.
+        duration_ms = elapsed.as_micros() as f64 / 1000.0,
         client = %client,
         "request"
     );
