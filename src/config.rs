@@ -177,12 +177,28 @@ fn parse_raw(text: &str, problems: &mut Problems) -> Result<RawConfig, String> {
 /// serde's message for one key, reworded where it repeats the key the line already names:
 /// "unknown field `x`, expected one of `a`, `b`" becomes "unknown key, expected one of `a`,
 /// `b`", or "unknown key; did you mean `a`?" when one of them is close to `x`.
+/// A value of the wrong type gets the expected type in words, not as a Rust type name.
 fn describe(message: &str, unknown: &str) -> String {
     let message = message.trim_end();
     let Some((name, tail)) = message
         .strip_prefix("unknown field `")
         .and_then(|rest| rest.split_once('`'))
     else {
+        for (rust, words) in [
+            ("i64", "an integer"),
+            ("u64", "an integer from 0"),
+            ("usize", "an integer from 0"),
+            ("u32", "an integer from 0 to 4294967295"),
+            ("u16", "an integer from 0 to 65535"),
+            ("path string", "a string (a path)"),
+        ] {
+            if let Some(start) = message
+                .strip_suffix(rust)
+                .filter(|m| m.ends_with("expected "))
+            {
+                return format!("{start}{words}");
+            }
+        }
         return message.to_owned();
     };
     // The known names are the back-quoted words of the tail.
@@ -1045,7 +1061,7 @@ mod tests {
         );
         assert_eq!(
             found[1],
-            "tokens.leeway_secs: invalid type: string \"thirty\", expected i64"
+            "tokens.leeway_secs: invalid type: string \"thirty\", expected an integer"
         );
         assert_eq!(
             found[2],
@@ -1073,6 +1089,18 @@ mod tests {
         assert_eq!(
             problems("[tls]\nfrobnicate = true\n"),
             ["tls.frobnicate: unknown key, expected one of `dev_cert`, `cert_file`, `key_file`"]
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_named_in_words() {
+        assert_eq!(
+            problems("[gateway]\npublic_port = 70000\n[store]\ndata_dir = 5\n[tls]\ndev_cert = \"yes\"\n"),
+            [
+                "gateway.public_port: invalid value: integer `70000`, expected an integer from 0 to 65535",
+                "store.data_dir: invalid type: integer `5`, expected a string (a path)",
+                "tls.dev_cert: invalid type: string \"yes\", expected a boolean",
+            ]
         );
     }
 
@@ -1114,7 +1142,8 @@ mod tests {
         assert!(
             found
                 .iter()
-                .any(|p| p.starts_with("gateway.workers: invalid value: integer `-1`")),
+                .any(|p| p
+                    == "gateway.workers: invalid value: integer `-1`, expected an integer from 0"),
             "{found:#?}"
         );
         let found = problems("gateway = 5\n");

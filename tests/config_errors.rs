@@ -55,7 +55,7 @@ async fn three_mistakes_are_reported_in_one_run() {
     );
     for expected in [
         "  telemetry.log_levle: unknown key; did you mean `log_level`?",
-        "  tokens.max_ttl_secs: invalid type: string \"a day\", expected i64",
+        "  tokens.max_ttl_secs: invalid type: string \"a day\", expected an integer",
         "  gateway.listen: `127.0.0.1:99999` is not an address such as 127.0.0.1:8443",
     ] {
         assert!(
