@@ -689,8 +689,6 @@ enum Admitted {
     },
 }
 
-/// The answer for an upstream request that failed because the client's body did (too large,
-/// stalled, broken), found in the error's source chain; `None` when the upstream failed.
 /// One access-log line (`[telemetry] access_log`), at `info` with target `sandgate::access`.
 ///
 /// Written when the response head is ready, where the metrics are recorded, so it covers
@@ -731,6 +729,8 @@ fn access_line(
     );
 }
 
+/// The answer for an upstream request that failed because the client's body did (too large,
+/// stalled, broken), found in the error's source chain; `None` when the upstream failed.
 fn client_body_error(err: &(dyn std::error::Error + 'static)) -> Option<HttpError> {
     let mut cause = Some(err);
     while let Some(e) = cause {
