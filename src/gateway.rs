@@ -381,6 +381,11 @@ fn create_private_dir(path: &Path) -> Result<(), OpenError> {
         path: path.display().to_string(),
         source,
     };
+    #[cfg(unix)]
+    let before = std::fs::metadata(path).ok().map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
     std::fs::create_dir_all(path).map_err(err)?;
     #[cfg(unix)]
     {
@@ -388,6 +393,19 @@ fn create_private_dir(path: &Path) -> Result<(), OpenError> {
         // Others may traverse (sandbox users reach their own directories below it) but not
         // list; every secret inside is a 0600 file or sits in a 0700 folder.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711)).map_err(err)?;
+        // An existing data dir that others could list or write was widened by something
+        // other than sandgate (which leaves it 0711): say so, since whatever did it may do it
+        // again, and what it exposed meanwhile is worth a look. Not `chmod 700`: the others'
+        // execute bit is what lets sandboxes running as `nobody` reach their folders.
+        if let Some(mode) = before.filter(|mode| mode & 0o066 != 0) {
+            tracing::warn!(
+                data_dir = %path.display(),
+                mode = %format!("{mode:04o}"),
+                "the data dir was open to other users (they could list or write it); sandgate \
+                 set it back to 0711. Find what widened it (a deploy step, a copy, an umask) \
+                 and check what else in it others could read"
+            );
+        }
     }
     Ok(())
 }
@@ -414,3 +432,70 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 
 /// Re-export for callers that only hold the token module.
 pub use token::IssueRequest;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Mutex};
+
+    /// What `f` logs at `warn` and above, as text.
+    fn warnings(f: impl FnOnce()) -> String {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let writer = {
+            let out = Arc::clone(&out);
+            move || Captured(Arc::clone(&out))
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(writer)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_data_dir_open_to_others_is_tightened_with_a_warning() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+
+        // Made by sandgate: 0711, nothing to warn about.
+        let logged = warnings(|| create_private_dir(&dir).unwrap());
+        assert_eq!(mode(&dir), 0o711);
+        assert!(logged.is_empty(), "{logged}");
+
+        // Widened by something else: set back, and said so with the path and the old mode.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let logged = warnings(|| create_private_dir(&dir).unwrap());
+        assert_eq!(mode(&dir), 0o711);
+        assert!(logged.contains("WARN"), "{logged}");
+        assert!(logged.contains("open to other users"), "{logged}");
+        assert!(
+            logged.contains(&format!("data_dir={}", dir.display())),
+            "{logged}"
+        );
+        assert!(logged.contains("mode=0755"), "{logged}");
+
+        // Still 0711 on the next start: quiet again.
+        let logged = warnings(|| create_private_dir(&dir).unwrap());
+        assert!(logged.is_empty(), "{logged}");
+    }
+}

@@ -268,7 +268,7 @@ fn main() -> ExitCode {
         match run(cli).await {
             Ok(code) => code,
             Err(err) => {
-                eprintln!("error: {err:#}");
+                eprintln!("error: {}", report(&err));
                 if let Some(sandgate::client::ClientError::Connect { .. }) = err.downcast_ref() {
                     eprintln!("hint: is `sandgate serve` running, and is SANDGATE_URL right? For the dev CA, set SANDGATE_CA_CERT=<data_dir>/certs/ca.pem");
                     return ExitCode::from(exit::UNREACHABLE);
@@ -277,6 +277,28 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// The error and its causes, each said once: `what failed: why: why`.
+///
+/// Many of the library's errors quote their cause in their own message (so that a log line
+/// with `%err` is complete) and also return it as `source()`; printing the whole chain, as
+/// anyhow's `{:#}` does, would then say each such cause twice. A cause whose text is already
+/// in what has been printed is skipped.
+fn report(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim_end();
+        if out.contains(text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(text);
+    }
+    out
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -358,18 +380,13 @@ async fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
         None => tracing::info!("no config file found; running on built-in defaults"),
     }
+    // The error names the listener's key and what to do.
     let listeners = Listeners::bind(
         config.gateway.listen,
         config.telemetry.listen,
         config.gateway.workers,
     )
-    .await
-    .with_context(|| {
-        format!(
-            "cannot listen on {} / {} (is another sandgate running?)",
-            config.gateway.listen, config.telemetry.listen
-        )
-    })?;
+    .await?;
     let gw = Gateway::open(config).await?;
     let cfg = &gw.config;
     let port = if cfg.gateway.public_port == 443 {

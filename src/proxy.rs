@@ -98,6 +98,32 @@ enum Transport {
     Cookie,
 }
 
+/// What routing made of a request, for the metrics and the access log.
+struct Routed {
+    kind: RouteKind,
+    /// The sandbox and port the request named, when it named one (whether or not it was
+    /// admitted). The id was allocated for routing anyway; it is only moved out here.
+    sandbox: Option<(String, u16)>,
+}
+
+impl Routed {
+    const OTHER: Routed = Routed::kind(RouteKind::Other);
+
+    const fn kind(kind: RouteKind) -> Routed {
+        Routed {
+            kind,
+            sandbox: None,
+        }
+    }
+
+    fn sandbox(kind: RouteKind, id: String, port: u16) -> Routed {
+        Routed {
+            kind,
+            sandbox: Some((id, port)),
+        }
+    }
+}
+
 /// Where a request is going, decided from its host alone.
 enum Target<'a> {
     Base,
@@ -120,6 +146,8 @@ pub struct Proxy {
     sandbox_suffix: Box<str>,
     /// Cancelled when the drain deadline passes: upgraded tunnels close then.
     hard_stop: CancellationToken,
+    /// `[telemetry] access_log`, read once: off, a request pays this one check and nothing else.
+    access_log: bool,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -147,6 +175,7 @@ impl Proxy {
         );
         let policed = builder.build(policed_connector.clone());
         Proxy {
+            access_log: gw.config.telemetry.access_log,
             sandbox_suffix: format!(".{}", cfg.base_domain).into(),
             gw,
             client,
@@ -164,10 +193,17 @@ impl Proxy {
         ctx: Arc<ConnContext>,
     ) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
-        let (kind, response) = self.dispatch(req, &ctx).await;
+        // Only the method is kept from the request for the access log; the rest of what it
+        // logs comes from the routing and the response.
+        let method = self.access_log.then(|| req.method().clone());
+        let (routed, response) = self.dispatch(req, &ctx).await;
+        let elapsed = start.elapsed();
         self.gw
             .metrics
-            .observe(kind, response.status().as_u16(), start.elapsed());
+            .observe(routed.kind, response.status().as_u16(), elapsed);
+        if let Some(method) = method {
+            access_line(&method, &routed, &response, elapsed, ctx.remote);
+        }
         Ok(response)
     }
 
@@ -175,23 +211,23 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         ctx: &Arc<ConnContext>,
-    ) -> (RouteKind, Response<Body>) {
+    ) -> (Routed, Response<Body>) {
         if req.method() == Method::CONNECT {
             // No tunnels to arbitrary targets, and no extended CONNECT for now.
             let e = HttpError::bad_request("CONNECT is not supported by this gateway");
-            return (RouteKind::Other, e.to_response(req.headers()));
+            return (Routed::OTHER, e.to_response(req.headers()));
         }
         // A request whose framing or host is in doubt ends its HTTP/1 connection too: the
         // bytes after it cannot be trusted to start the next request.
         if let Err(e) = check_transfer_encoding(req.headers()) {
             let r = closing(e.to_response(req.headers()), req.version());
-            return (RouteKind::Other, r);
+            return (Routed::OTHER, r);
         }
         let (host_value, host) = match request_host(&req) {
             Ok(h) => h,
             Err(e) => {
                 let r = closing(e.to_response(req.headers()), req.version());
-                return (RouteKind::Other, r);
+                return (Routed::OTHER, r);
             }
         };
         match self.classify(&host) {
@@ -201,9 +237,12 @@ impl Proxy {
                     match routed {
                         Ok((id, port)) => {
                             let r = self.sandbox(req, ctx, port, &id, false, host_value).await;
-                            (RouteKind::Header, r)
+                            (Routed::sandbox(RouteKind::Header, id, port), r)
                         }
-                        Err(e) => (RouteKind::Header, e.to_response(req.headers())),
+                        Err(e) => (
+                            Routed::kind(RouteKind::Header),
+                            e.to_response(req.headers()),
+                        ),
                     }
                 } else {
                     req.extensions_mut().insert(ClientAddr(ctx.remote));
@@ -211,16 +250,16 @@ impl Proxy {
                         Ok(r) => r,
                         Err(never) => match never {},
                     };
-                    (RouteKind::Api, response)
+                    (Routed::kind(RouteKind::Api), response)
                 }
             }
             Target::Sandbox { port, id } => {
                 let id = id.to_string();
                 let r = self.sandbox(req, ctx, port, &id, true, host_value).await;
-                (RouteKind::Sandbox, r)
+                (Routed::sandbox(RouteKind::Sandbox, id, port), r)
             }
             Target::Unknown => (
-                RouteKind::Other,
+                Routed::OTHER,
                 HttpError::unknown_host().to_response(req.headers()),
             ),
         }
@@ -700,6 +739,46 @@ fn policy_refusal(route: &Route, host: &str, refused: &upstream::Refused) -> Htt
         "upstream address refused by the upstream policy"
     );
     HttpError::upstream_refused()
+}
+
+/// One access-log line (`[telemetry] access_log`), at `info` with target `sandgate::access`.
+///
+/// Written when the response head is ready, where the metrics are recorded, so it covers
+/// every answer on the TLS listener: forwarded responses, the gateway's own refusals on
+/// sandbox hosts (401, 403, 410, 502, ...), control API calls and unknown hosts.
+///
+/// Never the path or the query: a query can carry the connect token (`_sandgate_token`),
+/// and a path is the sandbox application's own data, which can hold secrets of its own
+/// (reset links, signed URLs) that the gateway cannot tell apart; an application that wants
+/// its paths logged logs them itself. No header either, so no token and no cookie.
+/// `duration_ms` is the time to the response head (as in the latency metric). `bytes` is
+/// the response body's declared size (its `Content-Length`, or the exact size of an answer
+/// the gateway made itself), absent when the body is streamed without one: counting the
+/// bytes as they pass would cost every chunk.
+fn access_line(
+    method: &Method,
+    routed: &Routed,
+    response: &Response<Body>,
+    elapsed: std::time::Duration,
+    client: SocketAddr,
+) {
+    let (sandbox, port) = match &routed.sandbox {
+        Some((id, port)) => (Some(id.as_str()), Some(*port)),
+        None => (None, None),
+    };
+    tracing::info!(
+        target: "sandgate::access",
+        method = %method,
+        route = %routed.kind.as_str(),
+        sandbox = sandbox.map(tracing::field::display),
+        port,
+        status = response.status().as_u16(),
+        bytes = http_body::Body::size_hint(response.body()).exact(),
+        // Microsecond resolution: most answers take well under a millisecond.
+        duration_ms = elapsed.as_micros() as f64 / 1000.0,
+        client = %client,
+        "request"
+    );
 }
 
 /// The answer for an upstream request that failed because the client's body did (too large,
