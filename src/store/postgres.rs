@@ -36,11 +36,12 @@ use sqlx::{Connection as _, PgConnection, Row as _};
 use tokio::sync::broadcast;
 
 use super::columns::{
-    scopes_json, CredentialRow, SandboxParams, SandboxRow, CREDENTIAL_COLUMNS, SANDBOX_COLUMNS,
+    scopes_json, CredentialRow, IssuedTokenRow, SandboxParams, SandboxRow, CREDENTIAL_COLUMNS,
+    ISSUED_TOKEN_COLUMNS, SANDBOX_COLUMNS,
 };
 use super::{
-    AuditEvent, Change, CredentialRecord, NodeRecord, SandboxRecord, SandboxStatus, Store,
-    StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY, EXPIRED_TOKEN_GRACE_SECS,
+    AuditEvent, Change, CredentialRecord, IssuedToken, NodeRecord, SandboxRecord, SandboxStatus,
+    Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY, EXPIRED_TOKEN_GRACE_SECS,
 };
 use crate::credential::SecretHash;
 
@@ -120,6 +121,20 @@ const MIGRATIONS: &[&str] = &[
         started_at     BIGINT NOT NULL,
         last_heartbeat BIGINT NOT NULL
      );",
+    // 2: issued connect tokens (ids and claims, never the token), to list and revoke them;
+    // SQLite's migration 4.
+    "CREATE TABLE issued_tokens (
+        jti        TEXT PRIMARY KEY,
+        seq        BIGINT GENERATED ALWAYS AS IDENTITY,
+        sandbox    TEXT NOT NULL,
+        port       INTEGER NOT NULL,
+        sub        TEXT NOT NULL,  -- the credential that minted it
+        issued_at  BIGINT NOT NULL,
+        exp        BIGINT NOT NULL,
+        single_use BOOLEAN NOT NULL
+     );
+     CREATE INDEX issued_tokens_by_sandbox ON issued_tokens (sandbox);
+     CREATE INDEX issued_tokens_by_exp ON issued_tokens (exp);",
 ];
 
 /// How long one store call may take, queueing for a connection included, before it fails as
@@ -949,6 +964,53 @@ fn decode_sandbox(r: &PgRow) -> Result<SandboxRecord, StoreError> {
     sandbox_row(r).map_err(classify)?.decode()
 }
 
+fn decode_issued_token(r: &PgRow) -> Result<IssuedToken, StoreError> {
+    let row = || -> Result<IssuedTokenRow, sqlx::Error> {
+        Ok(IssuedTokenRow {
+            jti: r.try_get(0)?,
+            sandbox: r.try_get(1)?,
+            port: i64::from(r.try_get::<i32, _>(2)?),
+            sub: r.try_get(3)?,
+            issued_at: r.try_get(4)?,
+            exp: r.try_get(5)?,
+            single_use: r.try_get(6)?,
+        })
+    };
+    row().map_err(classify)?.decode()
+}
+
+/// Appends `events` in one statement; identities are assigned in `ORDER BY` order, so ids
+/// follow the slice's order.
+async fn insert_audit(conn: &mut PgConnection, events: &[AuditEvent]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let times: Vec<i64> = events.iter().map(|e| e.time).collect();
+    let column = |f: fn(&AuditEvent) -> &str| -> Vec<String> {
+        events.iter().map(|e| text(f(e)).into_owned()).collect()
+    };
+    let actors = column(|e| &e.actor);
+    let actions = column(|e| &e.action);
+    let targets = column(|e| &e.target);
+    let addrs: Vec<Option<String>> = events.iter().map(|e| opt_text(&e.client_addr)).collect();
+    sqlx::query(
+        "INSERT INTO audit_events (time, actor, action, target, client_addr)
+         SELECT time, actor, action, target, client_addr
+         FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[])
+              WITH ORDINALITY AS e(time, actor, action, target, client_addr, ord)
+         ORDER BY ord",
+    )
+    .bind(&times)
+    .bind(&actors)
+    .bind(&actions)
+    .bind(&targets)
+    .bind(&addrs)
+    .execute(conn)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
 const NODE_COLUMNS: &str =
     "name, advertise_addr, runs_sandboxes, version, started_at, last_heartbeat";
 
@@ -1327,33 +1389,94 @@ impl Store for PostgresStore {
         if events.is_empty() {
             return Ok(());
         }
-        let times: Vec<i64> = events.iter().map(|e| e.time).collect();
-        let column = |f: fn(&AuditEvent) -> &str| -> Vec<String> {
-            events.iter().map(|e| text(f(e)).into_owned()).collect()
-        };
-        let actors = column(|e| &e.actor);
-        let actions = column(|e| &e.action);
-        let targets = column(|e| &e.target);
-        let addrs: Vec<Option<String>> = events.iter().map(|e| opt_text(&e.client_addr)).collect();
         bounded(async {
-            // One statement for the whole batch; identities are assigned in `ORDER BY` order, so
-            // ids follow the batch's order.
-            sqlx::query(
-                "INSERT INTO audit_events (time, actor, action, target, client_addr)
-                 SELECT time, actor, action, target, client_addr
-                 FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[])
-                      WITH ORDINALITY AS e(time, actor, action, target, client_addr, ord)
-                 ORDER BY ord",
-            )
-            .bind(&times)
-            .bind(&actors)
-            .bind(&actions)
-            .bind(&targets)
-            .bind(&addrs)
-            .execute(self.pool())
+            // One statement for the whole batch: atomic on its own.
+            let mut conn = self.pool().acquire().await.map_err(classify)?;
+            insert_audit(&mut conn, events).await
+        })
+        .await
+    }
+
+    async fn record_issued_tokens(
+        &self,
+        tokens: &[IssuedToken],
+        events: &[AuditEvent],
+    ) -> Result<(), StoreError> {
+        if tokens.is_empty() {
+            return self.append_audit_batch(events).await;
+        }
+        let jtis: Vec<String> = tokens.iter().map(|t| text(&t.jti).into_owned()).collect();
+        let sandboxes: Vec<String> = tokens
+            .iter()
+            .map(|t| text(&t.sandbox).into_owned())
+            .collect();
+        let ports: Vec<i32> = tokens.iter().map(|t| i32::from(t.port)).collect();
+        let subs: Vec<String> = tokens.iter().map(|t| text(&t.sub).into_owned()).collect();
+        let issued_at: Vec<i64> = tokens.iter().map(|t| t.issued_at).collect();
+        let exps: Vec<i64> = tokens.iter().map(|t| t.exp).collect();
+        let once: Vec<bool> = tokens.iter().map(|t| t.single_use).collect();
+        bounded(async {
+            // Two statements, one transaction, one commit.
+            let mut tx = self.pool().begin().await.map_err(classify)?;
+            sqlx::query(&format!(
+                "INSERT INTO issued_tokens ({ISSUED_TOKEN_COLUMNS})
+                 SELECT jti, sandbox, port, sub, issued_at, exp, single_use
+                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::INTEGER[], $4::TEXT[], $5::BIGINT[],
+                             $6::BIGINT[], $7::BOOLEAN[])
+                      WITH ORDINALITY
+                      AS t(jti, sandbox, port, sub, issued_at, exp, single_use, ord)
+                 ORDER BY ord"
+            ))
+            .bind(&jtis)
+            .bind(&sandboxes)
+            .bind(&ports)
+            .bind(&subs)
+            .bind(&issued_at)
+            .bind(&exps)
+            .bind(&once)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify_insert(e, || "a token id is already recorded".to_owned()))?;
+            insert_audit(&mut tx, events).await?;
+            tx.commit().await.map_err(classify)
+        })
+        .await
+    }
+
+    async fn issued_token(&self, jti: &str) -> Result<Option<IssuedToken>, StoreError> {
+        bounded(async {
+            sqlx::query(&format!(
+                "SELECT {ISSUED_TOKEN_COLUMNS} FROM issued_tokens WHERE jti = $1"
+            ))
+            .bind(text(jti))
+            .fetch_optional(self.pool())
+            .await
+            .map_err(classify)?
+            .as_ref()
+            .map(decode_issued_token)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn live_tokens(
+        &self,
+        live_after: i64,
+        sandbox: Option<&str>,
+    ) -> Result<Vec<IssuedToken>, StoreError> {
+        bounded(async {
+            let rows = sqlx::query(&format!(
+                "SELECT {ISSUED_TOKEN_COLUMNS} FROM issued_tokens i
+                 WHERE exp > $1 AND ($2::TEXT IS NULL OR sandbox = $2)
+                   AND NOT EXISTS (SELECT 1 FROM revoked_tokens r WHERE r.jti = i.jti)
+                 ORDER BY issued_at, seq"
+            ))
+            .bind(live_after)
+            .bind(sandbox.map(text))
+            .fetch_all(self.pool())
             .await
             .map_err(classify)?;
-            Ok(())
+            rows.iter().map(decode_issued_token).collect()
         })
         .await
     }
@@ -1402,9 +1525,15 @@ impl Store for PostgresStore {
                 .await
                 .map_err(classify)?
                 .rows_affected();
+            let issued = sqlx::query("DELETE FROM issued_tokens WHERE exp < $1")
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
             tx.commit().await.map_err(classify)?;
-            if revoked + used > 0 {
-                tracing::debug!(revoked, used, "pruned expired token entries");
+            if revoked + used + issued > 0 {
+                tracing::debug!(revoked, used, issued, "pruned expired token entries");
             }
             Ok(())
         })
