@@ -1003,7 +1003,11 @@ async fn create_token(
 
 /// Checks a requested token lifetime against the gateway's maximum and the credential's own
 /// cap, naming the limit in human units and where it is set (the CLI shows this message as is).
-fn check_token_ttl(ttl: i64, gateway_max: i64, credential_max: Option<i64>) -> Result<(), HttpError> {
+fn check_token_ttl(
+    ttl: i64,
+    gateway_max: i64,
+    credential_max: Option<i64>,
+) -> Result<(), HttpError> {
     if ttl <= 0 {
         return Err(HttpError::invalid_argument("ttl_secs must be positive"));
     }
@@ -1081,7 +1085,9 @@ async fn list_tokens(
     for (key, value) in url::form_urlencoded::parse(query.0.as_deref().unwrap_or("").as_bytes()) {
         match &*key {
             "sandbox" if sandbox.is_some() => {
-                return Err(HttpError::invalid_argument("sandbox may be given only once"));
+                return Err(HttpError::invalid_argument(
+                    "sandbox may be given only once",
+                ));
             }
             "sandbox" if !is_id(&value) => {
                 return Err(HttpError::invalid_argument(

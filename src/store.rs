@@ -994,16 +994,20 @@ pub(crate) mod conformance {
         }
         store.revoke_token(&revoked.jti, revoked.exp).await.unwrap();
         // A revocation of a jti that was never recorded hides nothing else.
-        store.revoke_token("jti-unrecorded", now + 600).await.unwrap();
+        store
+            .revoke_token("jti-unrecorded", now + 600)
+            .await
+            .unwrap();
 
         // Every record reads back as written, expired and revoked ones included.
         for t in all {
-            assert_eq!(
-                store.issued_token(&t.jti).await.unwrap().as_ref(),
-                Some(t)
-            );
+            assert_eq!(store.issued_token(&t.jti).await.unwrap().as_ref(), Some(t));
         }
-        assert_eq!(store.issued_token("jti-a").await.unwrap(), None, "no prefix match");
+        assert_eq!(
+            store.issued_token("jti-a").await.unwrap(),
+            None,
+            "no prefix match"
+        );
 
         // Live: `exp > live_after`, not revoked; oldest first.
         assert_eq!(
@@ -1012,7 +1016,12 @@ pub(crate) mod conformance {
         );
         assert_eq!(
             store.live_tokens(now - 1, None).await.unwrap(),
-            vec![a_first.clone(), a_second.clone(), edge.clone(), b_late.clone()]
+            vec![
+                a_first.clone(),
+                a_second.clone(),
+                edge.clone(),
+                b_late.clone()
+            ]
         );
         assert_eq!(
             store.live_tokens(now, Some("sbxa")).await.unwrap(),
@@ -1046,7 +1055,10 @@ pub(crate) mod conformance {
             client_addr: Some("127.0.0.1".into()),
         };
         store.record_issued_tokens(&[], &[]).await.unwrap();
-        let tokens = [issued("jti-0", "sbxa", 1, 500), issued("jti-1", "sbxa", 2, 500)];
+        let tokens = [
+            issued("jti-0", "sbxa", 1, 500),
+            issued("jti-1", "sbxa", 2, 500),
+        ];
         store
             .record_issued_tokens(&tokens, &[event(0), event(1)])
             .await

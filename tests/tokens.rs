@@ -101,7 +101,10 @@ async fn live_tokens_are_listed_with_their_claims_and_never_the_token() {
     assert_eq!(first["port"], 9);
     assert_eq!(first["sub"], worker_id.as_str());
     assert_eq!(first["single_use"], false);
-    assert_eq!(first["expires_at"], plain["expires_at"], "RFC 3339, as minted");
+    assert_eq!(
+        first["expires_at"], plain["expires_at"],
+        "RFC 3339, as minted"
+    );
     let issued = time::OffsetDateTime::parse(
         first["issued_at"].as_str().unwrap(),
         &time::format_description::well_known::Rfc3339,
@@ -114,8 +117,15 @@ async fn live_tokens_are_listed_with_their_claims_and_never_the_token() {
     .unwrap();
     assert_eq!((expires - issued).whole_seconds(), 600);
     let second = &list["items"][1];
-    assert_eq!((second["port"].clone(), second["single_use"].clone()), (json!(10), json!(true)));
-    assert_ne!(list["items"][3]["sub"], worker_id.as_str(), "the admin minted it");
+    assert_eq!(
+        (second["port"].clone(), second["single_use"].clone()),
+        (json!(10), json!(true))
+    );
+    assert_ne!(
+        list["items"][3]["sub"],
+        worker_id.as_str(),
+        "the admin minted it"
+    );
     let mut keys: Vec<&str> = first
         .as_object()
         .unwrap()
@@ -125,7 +135,15 @@ async fn live_tokens_are_listed_with_their_claims_and_never_the_token() {
     keys.sort_unstable();
     assert_eq!(
         keys,
-        ["expires_at", "issued_at", "jti", "port", "sandbox", "single_use", "sub"]
+        [
+            "expires_at",
+            "issued_at",
+            "jti",
+            "port",
+            "sandbox",
+            "single_use",
+            "sub"
+        ]
     );
 
     // Without a filter: everything the caller may see, and nothing of another owner.
@@ -135,7 +153,10 @@ async fn live_tokens_are_listed_with_their_claims_and_never_the_token() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(jtis(&all_mine), jtis(&list));
     let (_, all) = gw.api(Method::GET, "/v1/connect-tokens", None).await;
-    assert!(jtis(&all).contains(&jti(&foreign)), "the admin sees all: {all}");
+    assert!(
+        jtis(&all).contains(&jti(&foreign)),
+        "the admin sees all: {all}"
+    );
     assert!(!jtis(&all).contains(&jti(&revoked)), "{all}");
 
     // The tokens themselves never appear, in any listing.
@@ -171,7 +192,9 @@ async fn live_tokens_are_listed_with_their_claims_and_never_the_token() {
         ("sandboxes:write", false),
     ] {
         let (_, key) = create_credential(&gw, json!({"name": scope, "scopes": [scope]})).await;
-        let (status, v) = gw.api_as(&key, Method::GET, "/v1/connect-tokens", None).await;
+        let (status, v) = gw
+            .api_as(&key, Method::GET, "/v1/connect-tokens", None)
+            .await;
         if allowed {
             assert_eq!(status, StatusCode::OK, "{scope}: {v}");
             assert_eq!(jtis(&v), Vec::<String>::new(), "{scope} owns nothing");
@@ -201,7 +224,10 @@ async fn live_tokens_are_listed_with_their_claims_and_never_the_token() {
         assert_eq!(v["error"]["code"], "invalid_argument");
         let message = v["error"]["message"].as_str().unwrap();
         assert!(message.contains("sandbox"), "{query}: {message}");
-        assert!(!message.contains("..") && !message.contains("limit"), "{message}");
+        assert!(
+            !message.contains("..") && !message.contains("limit"),
+            "{message}"
+        );
     }
 
     // An expired token drops out of the list (the leeway is 0 here).
@@ -231,13 +257,22 @@ async fn only_live_tokens_of_the_callers_own_can_be_revoked() {
     let mine = sandbox_as(&gw, &worker, &[port]).await;
     let theirs = sandbox_as(&gw, &other, &[port]).await;
     let revoke = async |key: &str, jti: &str| {
-        gw.api_as(key, Method::DELETE, &format!("/v1/connect-tokens/{jti}"), None)
-            .await
+        gw.api_as(
+            key,
+            Method::DELETE,
+            &format!("/v1/connect-tokens/{jti}"),
+            None,
+        )
+        .await
     };
     let works = async |sandbox: &str, token: &Value| {
         let token = token["token"].as_str().unwrap();
         gw.tls()
-            .get(&sandbox_host(port, sandbox), "/", &[("x-sandgate-token", token)])
+            .get(
+                &sandbox_host(port, sandbox),
+                "/",
+                &[("x-sandgate-token", token)],
+            )
             .await
             .status()
     };
@@ -261,7 +296,10 @@ async fn only_live_tokens_of_the_callers_own_can_be_revoked() {
     for key in [&worker, &revoker] {
         let (status, v) = revoke(key, &jti(&foreign)).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
-        assert!(v["error"]["message"].as_str().unwrap().contains("no such token"));
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no such token"));
     }
     assert_eq!(works(&theirs, &foreign).await, StatusCode::OK);
 
@@ -317,7 +355,10 @@ async fn only_live_tokens_of_the_callers_own_can_be_revoked() {
     // And for someone else it is just unknown: whether it existed is not theirs to learn.
     let (status, v) = revoke(&revoker, &jti(&short)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(v["error"]["message"].as_str().unwrap().contains("no such token"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no such token"));
 
     // The admin may revoke anyone's.
     let (status, _) = revoke(&gw.admin_key, &jti(&foreign)).await;
@@ -344,7 +385,11 @@ async fn token_errors_name_the_limits_that_apply() {
 
     // Too long for the gateway: the limit in human units, and the key that sets it.
     let (status, v) = gw
-        .api(Method::POST, &path, Some(json!({"port": 8000, "ttl_secs": 8_640_000})))
+        .api(
+            Method::POST,
+            &path,
+            Some(json!({"port": 8000, "ttl_secs": 8_640_000})),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     let message = v["error"]["message"].as_str().unwrap();
@@ -374,7 +419,11 @@ async fn token_errors_name_the_limits_that_apply() {
     );
     for ttl in [0, -5] {
         let (status, _) = gw
-            .api(Method::POST, &path, Some(json!({"port": 8000, "ttl_secs": ttl})))
+            .api(
+                Method::POST,
+                &path,
+                Some(json!({"port": 8000, "ttl_secs": ttl})),
+            )
             .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{ttl}");
     }

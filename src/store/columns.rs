@@ -185,8 +185,7 @@ impl SandboxParams {
     }
 }
 
-pub(super) const ISSUED_TOKEN_COLUMNS: &str =
-    "jti, sandbox, port, sub, issued_at, exp, single_use";
+pub(super) const ISSUED_TOKEN_COLUMNS: &str = "jti, sandbox, port, sub, issued_at, exp, single_use";
 
 /// Raw issued-token columns: the port is a plain integer column in both backends (neither has
 /// an unsigned 16-bit type), checked on the way out.
