@@ -979,36 +979,50 @@ fn decode_issued_token(r: &PgRow) -> Result<IssuedToken, StoreError> {
     row().map_err(classify)?.decode()
 }
 
-/// Appends `events` in one statement; identities are assigned in `ORDER BY` order, so ids
-/// follow the slice's order.
-async fn insert_audit(conn: &mut PgConnection, events: &[AuditEvent]) -> Result<(), StoreError> {
-    if events.is_empty() {
-        return Ok(());
+/// Audit events as column arrays, so a whole batch is one `INSERT ... SELECT FROM UNNEST`.
+struct AuditArrays {
+    times: Vec<i64>,
+    actors: Vec<String>,
+    actions: Vec<String>,
+    targets: Vec<String>,
+    addrs: Vec<Option<String>>,
+}
+
+/// Appends the events bound as `$1..$5` ([`AuditArrays::bind`]); identities are assigned in
+/// `ORDER BY` order, so ids follow the batch's order.
+const INSERT_AUDIT_ARRAYS: &str =
+    "INSERT INTO audit_events (time, actor, action, target, client_addr)
+     SELECT time, actor, action, target, client_addr
+     FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[])
+          WITH ORDINALITY AS e(time, actor, action, target, client_addr, ord)
+     ORDER BY ord";
+
+impl AuditArrays {
+    fn of(events: &[AuditEvent]) -> AuditArrays {
+        let column = |f: fn(&AuditEvent) -> &str| -> Vec<String> {
+            events.iter().map(|e| text(f(e)).into_owned()).collect()
+        };
+        AuditArrays {
+            times: events.iter().map(|e| e.time).collect(),
+            actors: column(|e| &e.actor),
+            actions: column(|e| &e.action),
+            targets: column(|e| &e.target),
+            addrs: events.iter().map(|e| opt_text(&e.client_addr)).collect(),
+        }
     }
-    let times: Vec<i64> = events.iter().map(|e| e.time).collect();
-    let column = |f: fn(&AuditEvent) -> &str| -> Vec<String> {
-        events.iter().map(|e| text(f(e)).into_owned()).collect()
-    };
-    let actors = column(|e| &e.actor);
-    let actions = column(|e| &e.action);
-    let targets = column(|e| &e.target);
-    let addrs: Vec<Option<String>> = events.iter().map(|e| opt_text(&e.client_addr)).collect();
-    sqlx::query(
-        "INSERT INTO audit_events (time, actor, action, target, client_addr)
-         SELECT time, actor, action, target, client_addr
-         FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[])
-              WITH ORDINALITY AS e(time, actor, action, target, client_addr, ord)
-         ORDER BY ord",
-    )
-    .bind(&times)
-    .bind(&actors)
-    .bind(&actions)
-    .bind(&targets)
-    .bind(&addrs)
-    .execute(conn)
-    .await
-    .map_err(classify)?;
-    Ok(())
+
+    /// Binds the arrays as `$1..$5`.
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.times)
+            .bind(&self.actors)
+            .bind(&self.actions)
+            .bind(&self.targets)
+            .bind(&self.addrs)
+    }
 }
 
 const NODE_COLUMNS: &str =
@@ -1389,10 +1403,15 @@ impl Store for PostgresStore {
         if events.is_empty() {
             return Ok(());
         }
+        let audit = AuditArrays::of(events);
         bounded(async {
             // One statement for the whole batch: atomic on its own.
-            let mut conn = self.pool().acquire().await.map_err(classify)?;
-            insert_audit(&mut conn, events).await
+            audit
+                .bind(sqlx::query(INSERT_AUDIT_ARRAYS))
+                .execute(self.pool())
+                .await
+                .map_err(classify)?;
+            Ok(())
         })
         .await
     }
@@ -1405,6 +1424,7 @@ impl Store for PostgresStore {
         if tokens.is_empty() {
             return self.append_audit_batch(events).await;
         }
+        let audit = AuditArrays::of(events);
         let jtis: Vec<String> = tokens.iter().map(|t| text(&t.jti).into_owned()).collect();
         let sandboxes: Vec<String> = tokens
             .iter()
@@ -1415,30 +1435,34 @@ impl Store for PostgresStore {
         let issued_at: Vec<i64> = tokens.iter().map(|t| t.issued_at).collect();
         let exps: Vec<i64> = tokens.iter().map(|t| t.exp).collect();
         let once: Vec<bool> = tokens.iter().map(|t| t.single_use).collect();
+        // One statement (a data-modifying CTE always runs to completion): atomic, one round
+        // trip and one commit for the tokens and the events together.
+        let sql = format!(
+            "WITH issued AS (
+                INSERT INTO issued_tokens ({ISSUED_TOKEN_COLUMNS})
+                SELECT jti, sandbox, port, sub, issued_at, exp, single_use
+                FROM UNNEST($6::TEXT[], $7::TEXT[], $8::INTEGER[], $9::TEXT[], $10::BIGINT[],
+                            $11::BIGINT[], $12::BOOLEAN[])
+                     WITH ORDINALITY
+                     AS t(jti, sandbox, port, sub, issued_at, exp, single_use, ord)
+                ORDER BY ord
+             )
+             {INSERT_AUDIT_ARRAYS}"
+        );
         bounded(async {
-            // Two statements, one transaction, one commit.
-            let mut tx = self.pool().begin().await.map_err(classify)?;
-            sqlx::query(&format!(
-                "INSERT INTO issued_tokens ({ISSUED_TOKEN_COLUMNS})
-                 SELECT jti, sandbox, port, sub, issued_at, exp, single_use
-                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::INTEGER[], $4::TEXT[], $5::BIGINT[],
-                             $6::BIGINT[], $7::BOOLEAN[])
-                      WITH ORDINALITY
-                      AS t(jti, sandbox, port, sub, issued_at, exp, single_use, ord)
-                 ORDER BY ord"
-            ))
-            .bind(&jtis)
-            .bind(&sandboxes)
-            .bind(&ports)
-            .bind(&subs)
-            .bind(&issued_at)
-            .bind(&exps)
-            .bind(&once)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| classify_insert(e, || "a token id is already recorded".to_owned()))?;
-            insert_audit(&mut tx, events).await?;
-            tx.commit().await.map_err(classify)
+            audit
+                .bind(sqlx::query(&sql))
+                .bind(&jtis)
+                .bind(&sandboxes)
+                .bind(&ports)
+                .bind(&subs)
+                .bind(&issued_at)
+                .bind(&exps)
+                .bind(&once)
+                .execute(self.pool())
+                .await
+                .map_err(|e| classify_insert(e, || "a token id is already recorded".to_owned()))?;
+            Ok(())
         })
         .await
     }
