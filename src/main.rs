@@ -103,13 +103,13 @@ enum KekCommand {
 }
 
 /// The `--help` section of the options every client command shares.
-const CONNECTION: &str = "Gateway options";
+const GATEWAY_OPTIONS: &str = "Gateway options";
 
 // clap appends `[env: NAME]` to each help line itself, so the doc comments below don't repeat it.
 #[derive(Args)]
 struct ApiArgs {
     /// Gateway URL [default: from the local config]
-    #[arg(long, env = "SANDGATE_URL", global = true, help_heading = CONNECTION)]
+    #[arg(long, env = "SANDGATE_URL", global = true, help_heading = GATEWAY_OPTIONS)]
     url: Option<String>,
     /// API key [default: the local bootstrap admin key, if readable]
     #[arg(
@@ -117,11 +117,11 @@ struct ApiArgs {
         env = "SANDGATE_API_KEY",
         hide_env_values = true,
         global = true,
-        help_heading = CONNECTION
+        help_heading = GATEWAY_OPTIONS
     )]
     api_key: Option<String>,
     /// CA certificate to trust [default: the local dev CA, if present]
-    #[arg(long, env = "SANDGATE_CA_CERT", global = true, help_heading = CONNECTION)]
+    #[arg(long, env = "SANDGATE_CA_CERT", global = true, help_heading = GATEWAY_OPTIONS)]
     ca: Option<PathBuf>,
     /// Print raw JSON instead of a table.
     #[arg(long, global = true)]
