@@ -24,7 +24,7 @@ use crate::error::HttpError;
 use crate::gateway::Gateway;
 use crate::proxy::ClientAddr;
 use crate::sandbox;
-use crate::store::{CredentialRecord, SandboxRecord, SandboxStatus};
+use crate::store::{CredentialRecord, IssuedToken, SandboxRecord, SandboxStatus};
 use crate::token::IssueRequest;
 use crate::unix_now;
 
@@ -50,6 +50,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/sandboxes/{id}/connect-tokens", post(create_token))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/logs", get(logs))
+        .route("/v1/connect-tokens", get(list_tokens))
         .route("/v1/connect-tokens/{jti}", delete(revoke_token))
         .route("/v1/audit", get(audit))
         .route("/v1/nodes", get(list_nodes))
@@ -132,6 +133,21 @@ impl Caller {
             Err(HttpError::forbidden(format!(
                 "this credential lacks the `{}` scope",
                 scope.as_str()
+            )))
+        }
+    }
+
+    /// Like [`Caller::require`], for endpoints that either of two scopes opens.
+    fn require_either(&self, a: Scope, b: Scope) -> Result<(), HttpError> {
+        if credential::allows(&self.credential.scopes, a)
+            || credential::allows(&self.credential.scopes, b)
+        {
+            Ok(())
+        } else {
+            Err(HttpError::forbidden(format!(
+                "this credential lacks the `{}` or `{}` scope",
+                a.as_str(),
+                b.as_str()
             )))
         }
     }
@@ -973,16 +989,19 @@ async fn create_token(
         return Err(HttpError::conflict("the sandbox has ended"));
     }
     if !s.ports.contains(&body.port) {
-        return Err(HttpError::invalid_argument(
-            "the sandbox does not publish that port",
-        ));
+        let published: Vec<String> = s.ports.iter().map(u16::to_string).collect();
+        return Err(HttpError::invalid_argument(format!(
+            "the sandbox does not publish port {}; its published ports are {}",
+            body.port,
+            published.join(", ")
+        )));
     }
-    if let (Some(max), Some(ttl)) = (caller.credential.max_token_ttl_secs, body.ttl_secs) {
-        if ttl > max {
-            return Err(HttpError::invalid_argument(format!(
-                "ttl_secs exceeds this credential's maximum of {max}"
-            )));
-        }
+    if let Some(ttl) = body.ttl_secs {
+        check_token_ttl(
+            ttl,
+            gw.config.tokens.max_ttl_secs,
+            caller.credential.max_token_ttl_secs,
+        )?;
     }
     let ttl = match (body.ttl_secs, caller.credential.max_token_ttl_secs) {
         (Some(t), _) => Some(t),
@@ -1011,13 +1030,23 @@ async fn create_token(
         "https://{}-{}.{}{}/?_sandgate_token={}",
         body.port, s.id, cfg.base_domain, port_suffix, token
     );
-    gw.audit(
-        &caller.credential.id,
-        "token.issue",
+    // The record (never the token) and the audit event share one group commit; if it fails,
+    // the token is not handed out, as it could not be revoked by its id.
+    let record = IssuedToken {
+        jti: claims.jti.clone(),
+        sandbox: claims.sbx.clone(),
+        port: claims.port,
+        sub: claims.sub.clone(),
+        issued_at: claims.iat,
+        exp: claims.exp,
+        single_use: claims.once,
+    };
+    gw.record_issued(
+        record,
         &format!("{}:{} jti={}", s.id, body.port, claims.jti),
         caller.client_addr,
     )
-    .await;
+    .await?;
     Ok(created(TokenView {
         token,
         url,
@@ -1026,23 +1055,170 @@ async fn create_token(
     }))
 }
 
+/// Checks a requested token lifetime against the gateway's maximum and the credential's own
+/// cap, naming the limit in human units and where it is set (the CLI shows this message as is).
+fn check_token_ttl(
+    ttl: i64,
+    gateway_max: i64,
+    credential_max: Option<i64>,
+) -> Result<(), HttpError> {
+    if ttl <= 0 {
+        return Err(HttpError::invalid_argument("ttl_secs must be positive"));
+    }
+    match credential_max.filter(|&max| max < gateway_max) {
+        Some(max) if ttl > max => Err(HttpError::invalid_argument(format!(
+            "ttl_secs is at most {} ({max} s) for this credential: its max_token_ttl_secs",
+            human_duration(max)
+        ))),
+        _ if ttl > gateway_max => Err(HttpError::invalid_argument(format!(
+            "ttl_secs is at most {} ({gateway_max} s): the gateway's [tokens] max_ttl_secs \
+             (a credential's max_token_ttl_secs can only lower it)",
+            human_duration(gateway_max)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `86400` → `24h`, `300` → `5m`, `90` → `90s`: the largest unit that divides it exactly,
+/// and hours rather than days below two days (a limit of "24h" reads better than "1d").
+fn human_duration(secs: i64) -> String {
+    match secs {
+        s if s >= 2 * 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s >= 3_600 && s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// Token ids and sandbox ids go into queries and paths: the characters ids are made of.
+fn is_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// An issued token as listed: its claims, never the token.
+#[derive(Serialize)]
+struct IssuedTokenView {
+    jti: String,
+    sandbox: String,
+    port: u16,
+    sub: String,
+    issued_at: String,
+    expires_at: String,
+    single_use: bool,
+}
+
+impl IssuedTokenView {
+    fn of(t: &IssuedToken) -> Self {
+        IssuedTokenView {
+            jti: t.jti.clone(),
+            sandbox: t.sandbox.clone(),
+            port: t.port,
+            sub: t.sub.clone(),
+            issued_at: rfc3339(t.issued_at),
+            expires_at: rfc3339(t.exp),
+            single_use: t.single_use,
+        }
+    }
+}
+
+/// `GET /v1/connect-tokens[?sandbox=ID]`: the tokens still honoured (not expired beyond the
+/// leeway, not revoked), oldest first. `tokens:issue` or `tokens:revoke`: whoever mints tokens
+/// or revokes them needs their ids. A non-admin sees the tokens of its own sandboxes and those
+/// it minted; another owner's sandbox is 404, as everywhere.
+async fn list_tokens(
+    State(gw): State<AppState>,
+    caller: Caller,
+    query: axum::extract::RawQuery,
+) -> Result<Json<Items<IssuedTokenView>>, HttpError> {
+    caller.require_either(Scope::TokensIssue, Scope::TokensRevoke)?;
+    let mut sandbox = None;
+    for (key, value) in url::form_urlencoded::parse(query.0.as_deref().unwrap_or("").as_bytes()) {
+        match &*key {
+            "sandbox" if sandbox.is_some() => {
+                return Err(HttpError::invalid_argument(
+                    "sandbox may be given only once",
+                ));
+            }
+            "sandbox" if !is_id(&value) => {
+                return Err(HttpError::invalid_argument(
+                    "sandbox must be a sandbox id (letters and digits)",
+                ));
+            }
+            "sandbox" => sandbox = Some(value.into_owned()),
+            // The name is not echoed: errors never repeat what was sent.
+            _ => {
+                return Err(HttpError::invalid_argument(
+                    "unknown query parameter; the only one is sandbox=ID",
+                ));
+            }
+        }
+    }
+    let live_after = unix_now() - gw.config.tokens.leeway_secs;
+    let tokens = match &sandbox {
+        Some(id) => {
+            owned_sandbox(&gw, &caller, id).await?;
+            gw.store.live_tokens(live_after, Some(id)).await?
+        }
+        None => {
+            let mut tokens = gw.store.live_tokens(live_after, None).await?;
+            if !caller.is_admin() {
+                let own: std::collections::HashSet<String> = gw
+                    .store
+                    .sandboxes()
+                    .await?
+                    .into_iter()
+                    .filter(|s| caller.owns(s))
+                    .map(|s| s.id)
+                    .collect();
+                tokens.retain(|t| t.sub == caller.credential.id || own.contains(&t.sandbox));
+            }
+            tokens
+        }
+    };
+    let items = tokens.iter().map(IssuedTokenView::of).collect();
+    Ok(Json(Items { items }))
+}
+
+/// `DELETE /v1/connect-tokens/{jti}`: revokes a live token. 404 for an id that was never
+/// issued, whose token has expired (beyond the leeway: nothing left to revoke) or that the
+/// caller may not see; 204 again for one already revoked, so retries are safe.
 async fn revoke_token(
     State(gw): State<AppState>,
     caller: Caller,
     Path(jti): Path<String>,
 ) -> Result<StatusCode, HttpError> {
     caller.require(Scope::TokensRevoke)?;
-    if jti.is_empty()
-        || jti.len() > 128
-        || !jti
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !is_id(&jti) {
         return Err(HttpError::invalid_argument("not a token id"));
     }
-    // The store keeps no list of issued tokens, so the entry lives as long as the longest
-    // token could: after that the token is dead anyway.
-    let exp = unix_now() + gw.config.tokens.max_ttl_secs + gw.config.tokens.leeway_secs;
+    const UNKNOWN: &str =
+        "no such token: no token with this id was issued, or it is not yours; `sandgate token list` shows the live ones";
+    let Some(record) = gw.store.issued_token(&jti).await? else {
+        return Err(HttpError::not_found(UNKNOWN));
+    };
+    let visible = caller.is_admin()
+        || record.sub == caller.credential.id
+        || gw
+            .store
+            .sandbox(&record.sandbox)
+            .await?
+            .is_some_and(|s| caller.owns(&s));
+    if !visible {
+        return Err(HttpError::not_found(UNKNOWN));
+    }
+    let now = unix_now();
+    if record.exp + gw.config.tokens.leeway_secs <= now {
+        return Err(HttpError::not_found(
+            "that token has already expired; there is nothing left to revoke",
+        ));
+    }
+    // Revoked until the token's own expiry: after that it fails on `exp` alone. The store
+    // announces the revocation to every node.
+    let exp = record.exp;
     gw.store.revoke_token(&jti, exp).await?;
     gw.tokens.revoke(&jti, exp);
     let closed = gw.tracker.close_token(&jti);

@@ -9,7 +9,9 @@ use crate::credential::{self, Scope, Secret};
 use crate::proxy::upstream::UpstreamPolicy;
 use crate::sandbox::process::Driver;
 use crate::sandbox::Routes;
-use crate::store::{AuditEvent, CredentialRecord, Store, StoreError, StoredSigningKey};
+use crate::store::{
+    AuditEvent, CredentialRecord, IssuedToken, Store, StoreError, StoredSigningKey,
+};
 use crate::telemetry::Metrics;
 use crate::tls::{CertResolver, TlsError};
 use crate::token::{self, Authority, SigningKey, TokenError, TokenSettings};
@@ -72,49 +74,65 @@ pub struct Gateway {
 /// Group commit for audit events: concurrent callers' events are written in one transaction,
 /// and each caller returns only once its event is committed, so an event the API reported is
 /// never lost, while a burst costs one fsync instead of one per event.
+///
+/// An issued token's record rides along with its `token.issue` event
+/// ([`Store::record_issued_tokens`]), so issuing a token still costs one shared commit.
 struct AuditLog {
-    tx: tokio::sync::mpsc::Sender<(AuditEvent, tokio::sync::oneshot::Sender<()>)>,
+    tx: tokio::sync::mpsc::Sender<PendingAudit>,
 }
+
+/// An event on its way to the store, the token record that goes with it, and where to say
+/// whether the commit succeeded.
+type PendingAudit = (
+    AuditEvent,
+    Option<IssuedToken>,
+    tokio::sync::oneshot::Sender<bool>,
+);
 
 impl AuditLog {
     /// The most events one transaction carries.
     const MAX_BATCH: usize = 512;
 
     fn start(store: Arc<dyn Store>) -> AuditLog {
-        let (tx, mut rx) =
-            tokio::sync::mpsc::channel::<(AuditEvent, tokio::sync::oneshot::Sender<()>)>(4096);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<PendingAudit>(4096);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(Self::MAX_BATCH);
+            let mut tokens = Vec::new();
             let mut waiters = Vec::with_capacity(Self::MAX_BATCH);
-            while let Some((event, done)) = rx.recv().await {
-                batch.push(event);
-                waiters.push(done);
-                while batch.len() < Self::MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok((event, done)) => {
-                            batch.push(event);
-                            waiters.push(done);
-                        }
-                        Err(_) => break,
+            while let Some(first) = rx.recv().await {
+                let mut next = Some(first);
+                while let Some((event, token, done)) = next.take() {
+                    batch.push(event);
+                    tokens.extend(token);
+                    waiters.push(done);
+                    if batch.len() < Self::MAX_BATCH {
+                        next = rx.try_recv().ok();
                     }
                 }
-                if let Err(err) = store.append_audit_batch(&batch).await {
-                    tracing::error!(error = %err, events = batch.len(), "could not record audit events");
-                }
+                let committed = match store.record_issued_tokens(&tokens, &batch).await {
+                    Ok(()) => true,
+                    Err(err) => {
+                        tracing::error!(error = %err, events = batch.len(), tokens = tokens.len(), "could not record audit events and issued tokens");
+                        false
+                    }
+                };
                 batch.clear();
+                tokens.clear();
                 for done in waiters.drain(..) {
-                    let _ = done.send(());
+                    let _ = done.send(committed);
                 }
             }
         });
         AuditLog { tx }
     }
 
-    async fn record(&self, event: AuditEvent) {
+    /// Queues `event` (and `token`) and waits for the commit; `true` once both are durable.
+    async fn record(&self, event: AuditEvent, token: Option<IssuedToken>) -> bool {
         let (done, committed) = tokio::sync::oneshot::channel();
-        if self.tx.send((event, done)).await.is_ok() {
-            let _ = committed.await;
+        if self.tx.send((event, token, done)).await.is_err() {
+            return false;
         }
+        committed.await.unwrap_or(false)
     }
 }
 
@@ -266,16 +284,42 @@ impl Gateway {
         target: &str,
         client_addr: Option<String>,
     ) {
-        tracing::info!(target: "sandgate::audit", actor, action, target, client_addr = client_addr.as_deref().unwrap_or("-"), "audit");
-        let event = AuditEvent {
-            id: 0,
-            time: unix_now(),
-            actor: actor.to_string(),
-            action: action.to_string(),
-            target: target.to_string(),
-            client_addr,
-        };
-        self.audit_log.record(event).await;
+        let event = audit_event(actor, action, target, client_addr);
+        // A failed commit is logged by the audit log; the action itself has happened.
+        self.audit_log.record(event, None).await;
+    }
+
+    /// Records a newly issued token together with its `token.issue` audit event, in the same
+    /// group commit. Unlike [`Gateway::audit`] this fails when the commit does: a token the
+    /// store does not know could not be listed or revoked by its id, so it must not be handed
+    /// out.
+    pub async fn record_issued(
+        &self,
+        token: IssuedToken,
+        target: &str,
+        client_addr: Option<String>,
+    ) -> Result<(), StoreError> {
+        let event = audit_event(&token.sub, "token.issue", target, client_addr);
+        if self.audit_log.record(event, Some(token)).await {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(
+                "the issued token could not be recorded".into(),
+            ))
+        }
+    }
+}
+
+/// An audit event stamped now, also written as one structured log line.
+fn audit_event(actor: &str, action: &str, target: &str, client_addr: Option<String>) -> AuditEvent {
+    tracing::info!(target: "sandgate::audit", actor, action, target, client_addr = client_addr.as_deref().unwrap_or("-"), "audit");
+    AuditEvent {
+        id: 0,
+        time: unix_now(),
+        actor: actor.to_string(),
+        action: action.to_string(),
+        target: target.to_string(),
+        client_addr,
     }
 }
 

@@ -26,13 +26,14 @@ struct Call {
     method: Method,
     path: String,
     body: Option<Value>,
-    /// The scope the endpoint documents (admin implies every scope).
+    /// The scope the endpoint documents (admin implies every scope); `a|b` when either opens
+    /// it.
     scope: &'static str,
 }
 
-/// Every `/v1` endpoint, aimed at a fresh sandbox and credential so that a call that is let
-/// through does something real.
-fn endpoints(sandbox: &str, credential: &str) -> Vec<Call> {
+/// Every `/v1` endpoint, aimed at a fresh sandbox, credential and token so that a call that
+/// is let through does something real.
+fn endpoints(sandbox: &str, credential: &str, jti: &str) -> Vec<Call> {
     let call = |name, method, path: String, body, scope| Call {
         name,
         method,
@@ -106,9 +107,16 @@ fn endpoints(sandbox: &str, credential: &str) -> Vec<Call> {
             "tokens:issue",
         ),
         call(
+            "list tokens",
+            Method::GET,
+            format!("/v1/connect-tokens?sandbox={sandbox}"),
+            None,
+            "tokens:issue|tokens:revoke",
+        ),
+        call(
             "revoke token",
             Method::DELETE,
-            "/v1/connect-tokens/some-token-id".into(),
+            format!("/v1/connect-tokens/{jti}"),
             None,
             "tokens:revoke",
         ),
@@ -156,8 +164,12 @@ async fn every_endpoint_checks_every_scope() {
         let sandbox = gw.create_sandbox(&[9]).await;
         let (victim, _) =
             create_credential(&gw, json!({"name": "victim", "scopes": ["tokens:issue"]})).await;
-        for c in endpoints(&sandbox, &victim) {
-            let allowed = scope == "admin" || scope == c.scope;
+        let jti = gw.mint(&sandbox, 9, Value::Null).await["jti"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        for c in endpoints(&sandbox, &victim, &jti) {
+            let allowed = scope == "admin" || c.scope.split('|').any(|s| s == scope);
             let (status, body) = send(&gw, Some(&key), &c).await;
             if allowed {
                 assert_ne!(
@@ -226,7 +238,7 @@ async fn every_endpoint_checks_every_scope() {
 
     // Without a usable key, every endpoint answers 401 before anything else.
     let sandbox = gw.create_sandbox(&[9]).await;
-    for c in endpoints(&sandbox, "cred_nonexistent") {
+    for c in endpoints(&sandbox, "cred_nonexistent", "nosuchjti") {
         for key in [None, Some("sgk_not-a-real-key"), Some("garbage"), Some("")] {
             let (status, body) = send(&gw, key, &c).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{} with {key:?}", c.name);
