@@ -318,8 +318,16 @@ impl Driver {
         let deadline = record.expires_at;
         let awaited = awaited_ports(&record);
         tokio::spawn(async move {
-            this.supervise(id, child, pgid, stop, deadline, (host_ports, awaited), pumps)
-                .await;
+            this.supervise(
+                id,
+                child,
+                pgid,
+                stop,
+                deadline,
+                (host_ports, awaited),
+                pumps,
+            )
+            .await;
             let _ = done_tx.send(true);
         });
         Ok(record)
@@ -590,13 +598,10 @@ impl Driver {
         if let Some(who) = &self.identity {
             cmd.uid(who.uid).gid(who.gid);
         }
-        cmd.env_clear().envs(sandbox_env(
-            record,
-            dir,
-            env,
-            &self.cfg.pass_env,
-            |name| std::env::var_os(name),
-        ));
+        cmd.env_clear()
+            .envs(sandbox_env(record, dir, env, &self.cfg.pass_env, |name| {
+                std::env::var_os(name)
+            }));
         cmd
     }
 
