@@ -24,7 +24,7 @@ use crate::error::HttpError;
 use crate::gateway::Gateway;
 use crate::proxy::ClientAddr;
 use crate::sandbox;
-use crate::store::{CredentialRecord, SandboxRecord, SandboxStatus};
+use crate::store::{CredentialRecord, IssuedToken, SandboxRecord, SandboxStatus};
 use crate::token::IssueRequest;
 use crate::unix_now;
 
@@ -50,6 +50,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/sandboxes/{id}/connect-tokens", post(create_token))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/logs", get(logs))
+        .route("/v1/connect-tokens", get(list_tokens))
         .route("/v1/connect-tokens/{jti}", delete(revoke_token))
         .route("/v1/audit", get(audit))
         .route("/v1/nodes", get(list_nodes))
@@ -132,6 +133,21 @@ impl Caller {
             Err(HttpError::forbidden(format!(
                 "this credential lacks the `{}` scope",
                 scope.as_str()
+            )))
+        }
+    }
+
+    /// Like [`Caller::require`], for endpoints that either of two scopes opens.
+    fn require_either(&self, a: Scope, b: Scope) -> Result<(), HttpError> {
+        if credential::allows(&self.credential.scopes, a)
+            || credential::allows(&self.credential.scopes, b)
+        {
+            Ok(())
+        } else {
+            Err(HttpError::forbidden(format!(
+                "this credential lacks the `{}` or `{}` scope",
+                a.as_str(),
+                b.as_str()
             )))
         }
     }
@@ -350,7 +366,7 @@ async fn create_credential(
     for s in &body.scopes {
         let scope = Scope::parse(s).ok_or_else(|| {
             HttpError::invalid_argument(
-                "unknown scope; use admin, sandboxes:read, sandboxes:write, tokens:issue, tokens:revoke",
+                "unknown scope; use admin, sandboxes:read, sandboxes:write, upstreams:write, tokens:issue, tokens:revoke",
             )
         })?;
         if !scopes.contains(&scope) {
@@ -540,7 +556,11 @@ async fn create_sandbox(
             }
             None
         }
-        (None, Some(u)) => Some(validate_upstream(u)?),
+        (None, Some(u)) => {
+            // An upstream points the proxy at the network: a scope of its own.
+            caller.require(Scope::UpstreamsWrite)?;
+            Some(validate_upstream(u)?)
+        }
     };
     for (key, value) in &body.env {
         let valid = !key.is_empty()
@@ -568,6 +588,9 @@ async fn create_sandbox(
         return Err(HttpError::invalid_argument(
             "ports must be distinct numbers 1-65535",
         ));
+    }
+    if let Some(host) = &upstream {
+        check_upstream(&gw, host, &ports).await?;
     }
     for origin in &body.cors_origins {
         validate_origin(origin)?;
@@ -652,7 +675,10 @@ async fn create_sandbox(
 
 /// Limits out of range are refused naming the field, rather than clamped.
 fn validate_limits(body: &CreateSandbox) -> Result<(), HttpError> {
-    if body.memory_mb.is_some_and(|m| !(16..=1_048_576).contains(&m)) {
+    if body
+        .memory_mb
+        .is_some_and(|m| !(16..=1_048_576).contains(&m))
+    {
         return Err(HttpError::invalid_argument(
             "memory_mb must be between 16 and 1048576 (MiB)",
         ));
@@ -689,6 +715,44 @@ fn validate_limits(body: &CreateSandbox) -> Result<(), HttpError> {
     Ok(())
 }
 
+/// Holds an `upstream` to the gateway's upstream policy on each published port (the
+/// own-listener rule is about ports): an IP literal as it is, a host name by what it resolves
+/// to now. A name that does not resolve yet is accepted: the proxy resolves it again at every
+/// connect and holds each address to the same rules then. Messages name the address (a parsed
+/// IP, never the caller's text: error messages do not echo requests).
+async fn check_upstream(gw: &Gateway, host: &str, ports: &[u16]) -> Result<(), HttpError> {
+    use std::net::{IpAddr, SocketAddr};
+    let policy = &gw.upstream_policy;
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        for &port in ports {
+            policy
+                .check(SocketAddr::new(ip, port))
+                .map_err(|refused| HttpError::invalid_argument(format!("upstream {refused}")))?;
+        }
+        return Ok(());
+    }
+    let resolved = tokio::time::timeout(
+        gw.config.gateway.upstream_connect_timeout,
+        tokio::net::lookup_host((host, 0)),
+    )
+    .await;
+    let Ok(Ok(addrs)) = resolved else {
+        return Ok(());
+    };
+    for addr in addrs {
+        for &port in ports {
+            policy
+                .check(SocketAddr::new(addr.ip(), port))
+                .map_err(|refused| {
+                    HttpError::invalid_argument(format!(
+                        "upstream resolves to a refused address: {refused}"
+                    ))
+                })?;
+        }
+    }
+    Ok(())
+}
+
 /// `egress.allow`: host names or `*.suffix` patterns, lowercase; the egress proxy's own port
 /// cannot be published beside it.
 fn validate_egress(allow: &[String], ports: &[u16]) -> Result<Vec<String>, HttpError> {
@@ -708,7 +772,10 @@ fn validate_egress(allow: &[String], ports: &[u16]) -> Result<Vec<String>, HttpE
         let name = entry.trim().trim_end_matches('.').to_ascii_lowercase();
         let bare = name.strip_prefix("*.").unwrap_or(&name);
         let is_ip = bare.parse::<std::net::IpAddr>().is_ok()
-            || bare.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok();
+            || bare
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok();
         let valid = !bare.is_empty()
             && bare.len() <= 253
             && !is_ip
@@ -732,7 +799,8 @@ fn validate_egress(allow: &[String], ports: &[u16]) -> Result<Vec<String>, HttpE
     Ok(out)
 }
 
-/// An upstream is a bare host: an IP literal or a DNS name, no scheme, port or path.
+/// An upstream is a bare host: an IP literal or a DNS name, no scheme, port or path. An IP
+/// literal is kept in its canonical form.
 fn validate_upstream(u: &str) -> Result<String, HttpError> {
     let u = u.trim();
     let bad = || {
@@ -740,8 +808,8 @@ fn validate_upstream(u: &str) -> Result<String, HttpError> {
             "upstream must be a bare host such as 10.0.3.7, ::1 or sandbox-7.internal (no scheme, port or path)",
         )
     };
-    if u.parse::<std::net::IpAddr>().is_ok() {
-        return Ok(u.to_string());
+    if let Ok(ip) = u.parse::<std::net::IpAddr>() {
+        return Ok(ip.to_string());
     }
     let name = u.trim_end_matches('.').to_ascii_lowercase();
     let ok = !name.is_empty()
@@ -752,6 +820,14 @@ fn validate_upstream(u: &str) -> Result<String, HttpError> {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        // A last label that is a number (`2852039166`, `127.1`, `0x7f.1`) is an IPv4 address
+        // in a legacy notation the resolver would accept: only the dotted form is.
+        && !name.rsplit('.').next().is_some_and(|last| {
+            last.bytes().all(|b| b.is_ascii_digit())
+                || last
+                    .strip_prefix("0x")
+                    .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
         });
     if ok {
         Ok(name)
@@ -1037,16 +1113,19 @@ async fn create_token(
         return Err(HttpError::conflict("the sandbox has ended"));
     }
     if !s.ports.contains(&body.port) {
-        return Err(HttpError::invalid_argument(
-            "the sandbox does not publish that port",
-        ));
+        let published: Vec<String> = s.ports.iter().map(u16::to_string).collect();
+        return Err(HttpError::invalid_argument(format!(
+            "the sandbox does not publish port {}; its published ports are {}",
+            body.port,
+            published.join(", ")
+        )));
     }
-    if let (Some(max), Some(ttl)) = (caller.credential.max_token_ttl_secs, body.ttl_secs) {
-        if ttl > max {
-            return Err(HttpError::invalid_argument(format!(
-                "ttl_secs exceeds this credential's maximum of {max}"
-            )));
-        }
+    if let Some(ttl) = body.ttl_secs {
+        check_token_ttl(
+            ttl,
+            gw.config.tokens.max_ttl_secs,
+            caller.credential.max_token_ttl_secs,
+        )?;
     }
     let ttl = match (body.ttl_secs, caller.credential.max_token_ttl_secs) {
         (Some(t), _) => Some(t),
@@ -1075,13 +1154,23 @@ async fn create_token(
         "https://{}-{}.{}{}/?_sandgate_token={}",
         body.port, s.id, cfg.base_domain, port_suffix, token
     );
-    gw.audit(
-        &caller.credential.id,
-        "token.issue",
+    // The record (never the token) and the audit event share one group commit; if it fails,
+    // the token is not handed out, as it could not be revoked by its id.
+    let record = IssuedToken {
+        jti: claims.jti.clone(),
+        sandbox: claims.sbx.clone(),
+        port: claims.port,
+        sub: claims.sub.clone(),
+        issued_at: claims.iat,
+        exp: claims.exp,
+        single_use: claims.once,
+    };
+    gw.record_issued(
+        record,
         &format!("{}:{} jti={}", s.id, body.port, claims.jti),
         caller.client_addr,
     )
-    .await;
+    .await?;
     Ok(created(TokenView {
         token,
         url,
@@ -1090,23 +1179,170 @@ async fn create_token(
     }))
 }
 
+/// Checks a requested token lifetime against the gateway's maximum and the credential's own
+/// cap, naming the limit in human units and where it is set (the CLI shows this message as is).
+fn check_token_ttl(
+    ttl: i64,
+    gateway_max: i64,
+    credential_max: Option<i64>,
+) -> Result<(), HttpError> {
+    if ttl <= 0 {
+        return Err(HttpError::invalid_argument("ttl_secs must be positive"));
+    }
+    match credential_max.filter(|&max| max < gateway_max) {
+        Some(max) if ttl > max => Err(HttpError::invalid_argument(format!(
+            "ttl_secs is at most {} ({max} s) for this credential: its max_token_ttl_secs",
+            human_duration(max)
+        ))),
+        _ if ttl > gateway_max => Err(HttpError::invalid_argument(format!(
+            "ttl_secs is at most {} ({gateway_max} s): the gateway's [tokens] max_ttl_secs \
+             (a credential's max_token_ttl_secs can only lower it)",
+            human_duration(gateway_max)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `86400` → `24h`, `300` → `5m`, `90` → `90s`: the largest unit that divides it exactly,
+/// and hours rather than days below two days (a limit of "24h" reads better than "1d").
+fn human_duration(secs: i64) -> String {
+    match secs {
+        s if s >= 2 * 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s >= 3_600 && s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// Token ids and sandbox ids go into queries and paths: the characters ids are made of.
+fn is_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// An issued token as listed: its claims, never the token.
+#[derive(Serialize)]
+struct IssuedTokenView {
+    jti: String,
+    sandbox: String,
+    port: u16,
+    sub: String,
+    issued_at: String,
+    expires_at: String,
+    single_use: bool,
+}
+
+impl IssuedTokenView {
+    fn of(t: &IssuedToken) -> Self {
+        IssuedTokenView {
+            jti: t.jti.clone(),
+            sandbox: t.sandbox.clone(),
+            port: t.port,
+            sub: t.sub.clone(),
+            issued_at: rfc3339(t.issued_at),
+            expires_at: rfc3339(t.exp),
+            single_use: t.single_use,
+        }
+    }
+}
+
+/// `GET /v1/connect-tokens[?sandbox=ID]`: the tokens still honoured (not expired beyond the
+/// leeway, not revoked), oldest first. `tokens:issue` or `tokens:revoke`: whoever mints tokens
+/// or revokes them needs their ids. A non-admin sees the tokens of its own sandboxes and those
+/// it minted; another owner's sandbox is 404, as everywhere.
+async fn list_tokens(
+    State(gw): State<AppState>,
+    caller: Caller,
+    query: axum::extract::RawQuery,
+) -> Result<Json<Items<IssuedTokenView>>, HttpError> {
+    caller.require_either(Scope::TokensIssue, Scope::TokensRevoke)?;
+    let mut sandbox = None;
+    for (key, value) in url::form_urlencoded::parse(query.0.as_deref().unwrap_or("").as_bytes()) {
+        match &*key {
+            "sandbox" if sandbox.is_some() => {
+                return Err(HttpError::invalid_argument(
+                    "sandbox may be given only once",
+                ));
+            }
+            "sandbox" if !is_id(&value) => {
+                return Err(HttpError::invalid_argument(
+                    "sandbox must be a sandbox id (letters and digits)",
+                ));
+            }
+            "sandbox" => sandbox = Some(value.into_owned()),
+            // The name is not echoed: errors never repeat what was sent.
+            _ => {
+                return Err(HttpError::invalid_argument(
+                    "unknown query parameter; the only one is sandbox=ID",
+                ));
+            }
+        }
+    }
+    let live_after = unix_now() - gw.config.tokens.leeway_secs;
+    let tokens = match &sandbox {
+        Some(id) => {
+            owned_sandbox(&gw, &caller, id).await?;
+            gw.store.live_tokens(live_after, Some(id)).await?
+        }
+        None => {
+            let mut tokens = gw.store.live_tokens(live_after, None).await?;
+            if !caller.is_admin() {
+                let own: std::collections::HashSet<String> = gw
+                    .store
+                    .sandboxes()
+                    .await?
+                    .into_iter()
+                    .filter(|s| caller.owns(s))
+                    .map(|s| s.id)
+                    .collect();
+                tokens.retain(|t| t.sub == caller.credential.id || own.contains(&t.sandbox));
+            }
+            tokens
+        }
+    };
+    let items = tokens.iter().map(IssuedTokenView::of).collect();
+    Ok(Json(Items { items }))
+}
+
+/// `DELETE /v1/connect-tokens/{jti}`: revokes a live token. 404 for an id that was never
+/// issued, whose token has expired (beyond the leeway: nothing left to revoke) or that the
+/// caller may not see; 204 again for one already revoked, so retries are safe.
 async fn revoke_token(
     State(gw): State<AppState>,
     caller: Caller,
     Path(jti): Path<String>,
 ) -> Result<StatusCode, HttpError> {
     caller.require(Scope::TokensRevoke)?;
-    if jti.is_empty()
-        || jti.len() > 128
-        || !jti
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !is_id(&jti) {
         return Err(HttpError::invalid_argument("not a token id"));
     }
-    // The store keeps no list of issued tokens, so the entry lives as long as the longest
-    // token could: after that the token is dead anyway.
-    let exp = unix_now() + gw.config.tokens.max_ttl_secs + gw.config.tokens.leeway_secs;
+    const UNKNOWN: &str =
+        "no such token: no token with this id was issued, or it is not yours; `sandgate token list` shows the live ones";
+    let Some(record) = gw.store.issued_token(&jti).await? else {
+        return Err(HttpError::not_found(UNKNOWN));
+    };
+    let visible = caller.is_admin()
+        || record.sub == caller.credential.id
+        || gw
+            .store
+            .sandbox(&record.sandbox)
+            .await?
+            .is_some_and(|s| caller.owns(&s));
+    if !visible {
+        return Err(HttpError::not_found(UNKNOWN));
+    }
+    let now = unix_now();
+    if record.exp + gw.config.tokens.leeway_secs <= now {
+        return Err(HttpError::not_found(
+            "that token has already expired; there is nothing left to revoke",
+        ));
+    }
+    // Revoked until the token's own expiry: after that it fails on `exp` alone. The store
+    // announces the revocation to every node.
+    let exp = record.exp;
     gw.store.revoke_token(&jti, exp).await?;
     gw.tokens.revoke(&jti, exp);
     let closed = gw.tracker.close_token(&jti);
@@ -1279,6 +1515,12 @@ mod tests {
         assert!(validate_upstream("10.0.3.7").is_ok());
         assert!(validate_upstream("::1").is_ok());
         assert_eq!(
+            validate_upstream("::FFFF:169.254.169.254").unwrap(),
+            "::ffff:169.254.169.254"
+        );
+        assert_eq!(validate_upstream("box.0xfe-7").unwrap(), "box.0xfe-7");
+        assert_eq!(validate_upstream("3box.internal").unwrap(), "3box.internal");
+        assert_eq!(
             validate_upstream("Box-7.Internal").unwrap(),
             "box-7.internal"
         );
@@ -1289,6 +1531,10 @@ mod tests {
             "",
             "a..b",
             "169.254.169.254/latest",
+            "2852039166",
+            "127.1",
+            "0x7f.0.0.1",
+            "0xa9fea9fe",
         ] {
             assert!(validate_upstream(bad).is_err(), "{bad}");
         }

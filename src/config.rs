@@ -24,19 +24,214 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    /// A key has a value that parses but makes no sense.
-    #[error("invalid config file {path}: key `{key}`: {message}")]
+    /// The file is not valid TOML. `message` is the parser's report as the toml crate formats
+    /// it: several lines, with the line of the file and a caret under the spot. Parsing stops
+    /// there, so it is the only problem reported.
+    #[error("config file {path} is not valid TOML:\n{}", indent(message))]
+    Syntax { path: PathBuf, message: String },
+    /// Everything wrong with a file that is valid TOML, all at once: unknown keys, values of
+    /// the wrong type, and values that parse but make no sense. One `key: problem` line each.
+    #[error(
+        "config file {path} has {} {}:\n{}",
+        problems.len(),
+        if problems.len() == 1 { "problem" } else { "problems" },
+        list(problems)
+    )]
     Invalid {
         path: PathBuf,
-        key: &'static str,
-        message: String,
+        problems: Vec<Problem>,
     },
     /// An environment variable that overrides a key has a value that makes no sense.
     #[error("invalid environment variable {var}: {message}")]
     Env { var: &'static str, message: String },
+}
+
+/// One thing wrong with one key of a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: `section.key`, or `section` for a whole table.
+    pub key: String,
+    /// What is wrong and, where it helps, what would be right.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Indents every line by two spaces, so a multi-line report reads as belonging to the line
+/// above it.
+fn indent(text: &str) -> String {
+    text.trim_end()
+        .lines()
+        .map(|line| format!("  {line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The problems found so far. Checking goes on past a bad value (with a stand-in for it), so
+/// one run reports every mistake in the file rather than one per attempt.
+#[derive(Debug, Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// The value, or `stand_in` once the problem is noted.
+    fn check<T>(&mut self, key: &str, result: Result<T, String>, stand_in: T) -> T {
+        result.unwrap_or_else(|message| {
+            self.add(key, message);
+            stand_in
+        })
+    }
+
+    /// A duration of whole seconds that must not be zero.
+    fn positive(&mut self, key: &str, secs: u64) -> Duration {
+        if secs == 0 {
+            self.add(key, "must be greater than 0");
+        }
+        Duration::from_secs(secs.max(1))
+    }
+
+    fn nonzero(&mut self, key: &str, v: u32) -> std::num::NonZeroU32 {
+        std::num::NonZeroU32::new(v).unwrap_or_else(|| {
+            self.add(key, "must be greater than 0");
+            std::num::NonZeroU32::MIN
+        })
+    }
+}
+
+/// Reads the TOML into [`RawConfig`], noting every unknown key and value of the wrong type.
+///
+/// serde stops at the first such error, so each key is first tried alone: deserialized into a
+/// `RawConfig` from a document holding only that key (the struct's defaults fill the rest).
+/// What fails alone is noted and dropped; the rest then deserializes as a whole, so validation
+/// can still check every other value in the same run. This needs nothing from the raw
+/// structs beyond their serde attributes, so a key added to one is checked like the others.
+/// `Err` is a syntax error, as the toml crate formats it.
+fn parse_raw(text: &str, problems: &mut Problems) -> Result<RawConfig, String> {
+    let mut doc: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    let alone = |section: &str, value: toml::Value| {
+        let mut table = toml::Table::new();
+        table.insert(section.to_owned(), value);
+        table.try_into::<RawConfig>()
+    };
+    let sections: Vec<String> = doc.keys().cloned().collect();
+    for section in sections {
+        if let Err(e) = alone(&section, toml::Value::Table(toml::Table::new())) {
+            let what = if doc.get(&section).is_some_and(toml::Value::is_table) {
+                "unknown section"
+            } else {
+                "unknown key at the top level (keys belong in a section)"
+            };
+            problems.add(&section, describe(e.message(), what));
+            doc.remove(&section);
+            continue;
+        }
+        let Some(toml::Value::Table(table)) = doc.get_mut(&section) else {
+            problems.add(
+                &section,
+                format!("must be a table: a `[{section}]` header and keys below it"),
+            );
+            doc.remove(&section);
+            continue;
+        };
+        let keys: Vec<String> = table.keys().cloned().collect();
+        for key in keys {
+            let Some(value) = table.get(&key).cloned() else {
+                continue;
+            };
+            let mut one = toml::Table::new();
+            one.insert(key.clone(), value);
+            if let Err(e) = alone(&section, toml::Value::Table(one)) {
+                problems.add(
+                    format!("{section}.{key}"),
+                    describe(e.message(), "unknown key"),
+                );
+                table.remove(&key);
+            }
+        }
+    }
+    doc.try_into::<RawConfig>().or_else(|e| {
+        // Keys that pass alone but not together: not expected, but reported, not hidden.
+        problems.add("(file)", e.message().trim_end().to_owned());
+        Ok(RawConfig::default())
+    })
+}
+
+/// serde's message for one key, reworded where it repeats the key the line already names:
+/// "unknown field `x`, expected one of `a`, `b`" becomes "unknown key, expected one of `a`,
+/// `b`", or "unknown key; did you mean `a`?" when one of them is close to `x`.
+/// A value of the wrong type gets the expected type in words, not as a Rust type name.
+fn describe(message: &str, unknown: &str) -> String {
+    let message = message.trim_end();
+    let Some((name, tail)) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+    else {
+        for (rust, words) in [
+            ("i64", "an integer"),
+            ("u64", "an integer from 0"),
+            ("usize", "an integer from 0"),
+            ("u32", "an integer from 0 to 4294967295"),
+            ("u16", "an integer from 0 to 65535"),
+            ("path string", "a string (a path)"),
+        ] {
+            if let Some(start) = message
+                .strip_suffix(rust)
+                .filter(|m| m.ends_with("expected "))
+            {
+                return format!("{start}{words}");
+            }
+        }
+        return message.to_owned();
+    };
+    // The known names are the back-quoted words of the tail.
+    let known = tail.split('`').skip(1).step_by(2);
+    match known
+        .filter_map(|k| Some((closeness(name, k)?, k)))
+        .min_by_key(|(d, _)| *d)
+    {
+        Some((_, k)) => format!("{unknown}; did you mean `{k}`?"),
+        None => format!("{unknown}{tail}"),
+    }
+}
+
+/// How far apart a mistyped key and a known one are (edit distance), when close enough to
+/// suggest: at most two edits, or one name starting with the other (`listen_addr`, `listen`).
+fn closeness(typed: &str, known: &str) -> Option<usize> {
+    let (a, b): (Vec<char>, Vec<char>) = (typed.chars().collect(), known.chars().collect());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != cb));
+            diagonal = above;
+        }
+    }
+    let distance = row[b.len()];
+    let prefix =
+        a.len().min(b.len()) >= 4 && (typed.starts_with(known) || known.starts_with(typed));
+    (distance <= 2 || prefix).then_some(distance)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +308,7 @@ struct RawGateway {
     h2_max_concurrent_streams: u32,
     websocket_idle_timeout_secs: u64,
     workers: usize,
+    upstream_allow: Vec<String>,
 }
 
 impl Default for RawGateway {
@@ -136,6 +332,7 @@ impl Default for RawGateway {
             h2_max_concurrent_streams: 256,
             websocket_idle_timeout_secs: 600,
             workers: 0,
+            upstream_allow: Vec::new(),
         }
     }
 }
@@ -146,6 +343,7 @@ struct RawTelemetry {
     listen: String,
     log_format: String,
     log_level: String,
+    access_log: bool,
 }
 
 impl Default for RawTelemetry {
@@ -154,6 +352,7 @@ impl Default for RawTelemetry {
             listen: "127.0.0.1:9464".into(),
             log_format: "text".into(),
             log_level: "info".into(),
+            access_log: false,
         }
     }
 }
@@ -389,6 +588,9 @@ pub struct GatewayConfig {
     /// (`SO_REUSEPORT`), so a connection and its upstream stay on one core. `0` in the file
     /// means one per available core.
     pub workers: usize,
+    /// The networks `upstream` sandboxes may be in (empty: any address the fixed rules of
+    /// [`crate::proxy::upstream::UpstreamPolicy`] let through).
+    pub upstream_allow: Vec<crate::proxy::upstream::Cidr>,
 }
 
 /// The plain-HTTP loopback listener for metrics and health, and logging.
@@ -397,6 +599,10 @@ pub struct TelemetryConfig {
     pub listen: SocketAddr,
     pub log_json: bool,
     pub log_level: String,
+    /// One `info` line per request on the TLS listener, target `sandgate::access`. Off by
+    /// default: a busy gateway would write more log than anything else, and the metrics
+    /// already count requests by route and status.
+    pub access_log: bool,
 }
 
 /// Where the server certificate comes from.
@@ -522,20 +728,36 @@ impl Config {
         Config::from_toml(&text, Some(path), &base)
     }
 
-    /// Parses TOML text; relative paths resolve against `base`.
+    /// Parses TOML text; relative paths resolve against `base`. Reports every problem in the
+    /// text at once (see [`ConfigError::Invalid`]).
     pub fn from_toml(text: &str, path: Option<&Path>, base: &Path) -> Result<Config, ConfigError> {
         let shown = path
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("<embedded defaults>"));
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut problems = Problems::default();
+        let raw = parse_raw(text, &mut problems).map_err(|message| ConfigError::Syntax {
             path: shown.clone(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
-            path: shown.clone(),
-            key,
             message,
-        };
+        })?;
+        let config = Config::validate(raw, path, base, &mut problems);
+        if problems.0.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: shown,
+                problems: problems.0,
+            })
+        }
+    }
+
+    /// Checks every value, noting each problem and going on with a stand-in value; the
+    /// result is only used when no problem was noted.
+    fn validate(
+        raw: RawConfig,
+        path: Option<&Path>,
+        base: &Path,
+        problems: &mut Problems,
+    ) -> Config {
         let resolve = |p: &Path| {
             if p.is_absolute() {
                 normalize(p)
@@ -543,70 +765,70 @@ impl Config {
                 normalize(&base.join(p))
             }
         };
+        let stand_in_addr = SocketAddr::from(([127, 0, 0, 1], 0));
 
         let g = raw.gateway;
-        let listen: SocketAddr = g.listen.parse().map_err(|_| {
-            invalid(
-                "gateway.listen",
-                format!("`{}` is not an address such as 127.0.0.1:8443", g.listen),
-            )
-        })?;
+        let listen: SocketAddr = problems.check(
+            "gateway.listen",
+            g.listen
+                .parse()
+                .map_err(|_| format!("`{}` is not an address such as 127.0.0.1:8443", g.listen)),
+            stand_in_addr,
+        );
         let base_domain = g.base_domain.trim_end_matches('.').to_ascii_lowercase();
         if !is_valid_domain(&base_domain) {
-            return Err(invalid(
+            problems.add(
                 "gateway.base_domain",
                 format!("`{}` is not a DNS name", g.base_domain),
-            ));
+            );
         }
         if g.max_header_bytes < 1024 || g.max_header_bytes > 1024 * 1024 {
-            return Err(invalid(
+            problems.add(
                 "gateway.max_header_bytes",
-                "must be between 1024 and 1048576".into(),
-            ));
+                "must be between 1024 and 1048576",
+            );
         }
-        let positive = |key: &'static str, v: u64| {
-            if v == 0 {
-                Err(invalid(key, "must be greater than 0".into()))
-            } else {
-                Ok(Duration::from_secs(v))
-            }
-        };
+        let upstream_allow = problems.check(
+            "gateway.upstream_allow",
+            g.upstream_allow
+                .iter()
+                .map(|c| c.trim().parse())
+                .collect::<Result<Vec<_>, String>>(),
+            Vec::new(),
+        );
         let gateway = GatewayConfig {
             listen,
+            upstream_allow,
             public_port: g.public_port.unwrap_or(listen.port()),
             base_domain,
             max_header_bytes: g.max_header_bytes,
             max_body_bytes: g.max_body_bytes,
-            handshake_timeout: positive(
-                "gateway.handshake_timeout_secs",
-                g.handshake_timeout_secs,
-            )?,
-            header_read_timeout: positive(
+            handshake_timeout: problems
+                .positive("gateway.handshake_timeout_secs", g.handshake_timeout_secs),
+            header_read_timeout: problems.positive(
                 "gateway.header_read_timeout_secs",
                 g.header_read_timeout_secs,
-            )?,
-            idle_timeout: positive("gateway.idle_timeout_secs", g.idle_timeout_secs)?,
-            body_read_timeout: positive(
-                "gateway.body_read_timeout_secs",
-                g.body_read_timeout_secs,
-            )?,
-            upstream_connect_timeout: positive(
+            ),
+            idle_timeout: problems.positive("gateway.idle_timeout_secs", g.idle_timeout_secs),
+            body_read_timeout: problems
+                .positive("gateway.body_read_timeout_secs", g.body_read_timeout_secs),
+            upstream_connect_timeout: problems.positive(
                 "gateway.upstream_connect_timeout_secs",
                 g.upstream_connect_timeout_secs,
-            )?,
-            upstream_response_timeout: positive(
+            ),
+            upstream_response_timeout: problems.positive(
                 "gateway.upstream_response_timeout_secs",
                 g.upstream_response_timeout_secs,
-            )?,
+            ),
             shutdown_grace: Duration::from_secs(g.shutdown_grace_secs),
             max_connections: g.max_connections.max(1),
             max_connections_per_ip: g.max_connections_per_ip.max(1),
             max_connections_per_sandbox: g.max_connections_per_sandbox.max(1),
             h2_max_concurrent_streams: g.h2_max_concurrent_streams.max(1),
-            websocket_idle_timeout: positive(
+            websocket_idle_timeout: problems.positive(
                 "gateway.websocket_idle_timeout_secs",
                 g.websocket_idle_timeout_secs,
-            )?,
+            ),
             workers: match g.workers {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
                 n => n.min(1024),
@@ -615,28 +837,31 @@ impl Config {
 
         let t = raw.telemetry;
         let telemetry = TelemetryConfig {
-            listen: t.listen.parse().map_err(|_| {
-                invalid(
-                    "telemetry.listen",
-                    format!("`{}` is not an address such as 127.0.0.1:9464", t.listen),
-                )
-            })?,
-            log_json: match t.log_format.as_str() {
-                "text" => false,
-                "json" => true,
-                other => {
-                    return Err(invalid(
-                        "telemetry.log_format",
-                        format!("`{other}` is not one of \"text\", \"json\""),
-                    ))
-                }
-            },
+            listen: problems.check(
+                "telemetry.listen",
+                t.listen.parse().map_err(|_| {
+                    format!("`{}` is not an address such as 127.0.0.1:9464", t.listen)
+                }),
+                stand_in_addr,
+            ),
+            log_json: problems.check(
+                "telemetry.log_format",
+                match t.log_format.as_str() {
+                    "text" => Ok(false),
+                    "json" => Ok(true),
+                    other => Err(format!("`{other}` is not one of \"text\", \"json\"")),
+                },
+                false,
+            ),
             log_level: t.log_level,
+            access_log: t.access_log,
         };
 
         let data_dir = resolve(&raw.store.data_dir);
         if let Some(url) = &raw.store.url {
-            check_store_url(url).map_err(|message| invalid("store.url", message))?;
+            if let Err(message) = check_store_url(url) {
+                problems.add("store.url", message);
+            }
         }
         let store = StoreConfig {
             data_dir,
@@ -658,10 +883,10 @@ impl Config {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         {
-            return Err(invalid(
+            problems.add(
                 "cluster.node_name",
-                "must be 1-63 letters, digits, '-', '_' or '.'".into(),
-            ));
+                "must be 1-63 letters, digits, '-', '_' or '.'",
+            );
         }
         let advertise_addr = c.advertise_addr.trim().to_string();
         if advertise_addr.is_empty()
@@ -669,66 +894,58 @@ impl Config {
                 .parse::<http::uri::Authority>()
                 .is_err()
         {
-            return Err(invalid(
+            problems.add(
                 "cluster.advertise_addr",
-                "must be an IP address or host name other nodes can reach".into(),
-            ));
+                "must be an IP address or host name other nodes can reach",
+            );
         }
         let cluster = ClusterConfig {
             node_name,
             advertise_addr,
-            heartbeat: positive("cluster.heartbeat_secs", c.heartbeat_secs)?,
+            heartbeat: problems.positive("cluster.heartbeat_secs", c.heartbeat_secs),
         };
 
+        let dev_tls = || TlsConfig {
+            dev_cert: true,
+            cert_file: store.certs_dir().join("server.pem"),
+            key_file: store.certs_dir().join("server-key.pem"),
+        };
         let tls = match (raw.tls.cert_file, raw.tls.key_file) {
             (Some(cert), Some(key)) => TlsConfig {
                 dev_cert: raw.tls.dev_cert,
                 cert_file: resolve(&cert),
                 key_file: resolve(&key),
             },
-            (None, None) if raw.tls.dev_cert => TlsConfig {
-                dev_cert: true,
-                cert_file: store.certs_dir().join("server.pem"),
-                key_file: store.certs_dir().join("server-key.pem"),
-            },
+            (None, None) if raw.tls.dev_cert => dev_tls(),
             (None, None) => {
-                return Err(invalid(
+                problems.add(
                     "tls.cert_file",
-                    "with dev_cert = false, set cert_file and key_file".into(),
-                ))
+                    "with dev_cert = false, set cert_file and key_file",
+                );
+                dev_tls()
             }
             (Some(_), None) => {
-                return Err(invalid(
-                    "tls.key_file",
-                    "cert_file is set, key_file is not".into(),
-                ))
+                problems.add("tls.key_file", "cert_file is set, key_file is not");
+                dev_tls()
             }
             (None, Some(_)) => {
-                return Err(invalid(
-                    "tls.cert_file",
-                    "key_file is set, cert_file is not".into(),
-                ))
+                problems.add("tls.cert_file", "key_file is set, cert_file is not");
+                dev_tls()
             }
         };
 
         let k = raw.tokens;
         if k.max_ttl_secs < 1 || k.max_ttl_secs > 7 * 86_400 {
-            return Err(invalid(
-                "tokens.max_ttl_secs",
-                "must be between 1 and 604800".into(),
-            ));
+            problems.add("tokens.max_ttl_secs", "must be between 1 and 604800");
         }
         if k.default_ttl_secs < 1 || k.default_ttl_secs > k.max_ttl_secs {
-            return Err(invalid(
+            problems.add(
                 "tokens.default_ttl_secs",
-                "must be between 1 and tokens.max_ttl_secs".into(),
-            ));
+                "must be between 1 and tokens.max_ttl_secs",
+            );
         }
         if !(0..=30).contains(&k.leeway_secs) {
-            return Err(invalid(
-                "tokens.leeway_secs",
-                "must be between 0 and 30".into(),
-            ));
+            problems.add("tokens.leeway_secs", "must be between 0 and 30");
         }
         let tokens = TokensConfig {
             default_ttl_secs: k.default_ttl_secs,
@@ -738,85 +955,89 @@ impl Config {
         };
 
         let o = raw.orchestrator;
-        let port_range = o
-            .port_range
-            .split_once('-')
-            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
-            .filter(|(a, b)| *a >= 1024 && a <= b)
-            .ok_or_else(|| {
-                invalid(
-                    "orchestrator.port_range",
+        let port_range = problems.check(
+            "orchestrator.port_range",
+            o.port_range
+                .split_once('-')
+                .and_then(|(a, b)| {
+                    Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+                })
+                .filter(|(a, b)| *a >= 1024 && a <= b)
+                .ok_or_else(|| {
                     format!(
                         "`{}` is not a range such as \"20000-29999\" (from 1024 up)",
                         o.port_range
-                    ),
-                )
-            })?;
+                    )
+                }),
+            (20_000, 29_999),
+        );
         if o.exec_timeout_secs == 0 || o.exec_timeout_secs > o.exec_max_timeout_secs {
-            return Err(invalid(
+            problems.add(
                 "orchestrator.exec_timeout_secs",
-                "must be between 1 and orchestrator.exec_max_timeout_secs".into(),
-            ));
+                "must be between 1 and orchestrator.exec_max_timeout_secs",
+            );
         }
         let nonzero = |v: u64| (v != 0).then_some(v);
         if o.run_as.is_empty() || o.run_as.contains(['/', '\0', ':']) {
-            return Err(invalid(
+            problems.add(
                 "orchestrator.run_as",
-                "must be \"auto\", \"gateway\" or a user name".into(),
-            ));
+                "must be \"auto\", \"gateway\" or a user name",
+            );
         }
         if o.start_timeout_secs == 0 || o.start_timeout_secs > 3600 {
-            return Err(invalid(
+            problems.add(
                 "orchestrator.start_timeout_secs",
-                "must be between 1 and 3600".into(),
-            ));
+                "must be between 1 and 3600",
+            );
         }
         if let Some(bad) = o.pass_env.iter().find(|n| !is_env_name(n)) {
-            return Err(invalid(
+            problems.add(
                 "orchestrator.pass_env",
                 format!("`{bad}` is not an environment variable name (letters, digits and `_`, not starting with a digit)"),
-            ));
+            );
         }
         let isolation = match o.isolation.as_str() {
             "auto" => IsolationMode::Auto,
             "namespaces" => IsolationMode::Namespaces,
             "none" => IsolationMode::None,
             other => {
-                return Err(invalid(
+                problems.add(
                     "orchestrator.isolation",
                     format!("`{other}` is not one of \"auto\", \"namespaces\", \"none\""),
-                ))
+                );
+                IsolationMode::Auto
             }
         };
-        let uid_range = o
-            .uid_range
-            .split_once('-')
-            .and_then(|(a, b)| Some((a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?)))
-            .filter(|(a, b)| *a >= 1000 && a <= b && *b < u32::MAX)
-            .ok_or_else(|| {
-                invalid(
-                    "orchestrator.uid_range",
+        let uid_range = problems.check(
+            "orchestrator.uid_range",
+            o.uid_range
+                .split_once('-')
+                .and_then(|(a, b)| {
+                    Some((a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?))
+                })
+                .filter(|(a, b)| *a >= 1000 && a <= b && *b < u32::MAX)
+                .ok_or_else(|| {
                     format!(
                         "`{}` is not a range of uids such as \"2000000000-2000099999\" (from 1000 up)",
                         o.uid_range
-                    ),
-                )
-            })?;
+                    )
+                }),
+            (2_000_000_000, 2_000_099_999),
+        );
         if !(o.cpus.is_finite() && (0.0..=1024.0).contains(&o.cpus)) {
-            return Err(invalid(
-                "orchestrator.cpus",
-                "must be between 0 (no limit) and 1024".into(),
-            ));
+            problems.add("orchestrator.cpus", "must be between 0 (no limit) and 1024");
         }
         let mut egress_hosts = std::collections::BTreeMap::new();
         for (name, target) in &o.egress_hosts {
-            let addr: std::net::SocketAddr = target.parse().map_err(|_| {
-                invalid(
+            match target.parse::<std::net::SocketAddr>() {
+                Ok(addr) => {
+                    egress_hosts.insert(name.trim_end_matches('.').to_ascii_lowercase(), addr);
+                }
+                Err(_) => problems.add(
                     "orchestrator.egress_hosts",
                     format!("`{name}` = `{target}`: the target must be an address and port such as \"127.0.0.1:3141\""),
-                )
-            })?;
-            egress_hosts.insert(name.trim_end_matches('.').to_ascii_lowercase(), addr);
+                ),
+            }
         }
         let orchestrator = OrchestratorConfig {
             enabled: o.enabled,
@@ -831,31 +1052,28 @@ impl Config {
             cpu_secs: nonzero(o.cpu_secs),
             max_processes: nonzero(o.max_processes),
             max_open_files: nonzero(o.max_open_files),
-            start_timeout: Duration::from_secs(o.start_timeout_secs),
+            start_timeout: Duration::from_secs(o.start_timeout_secs.clamp(1, 3600)),
             pass_env: o.pass_env,
             isolation,
             uid_range,
-            cpu_millis: (o.cpus > 0.0).then(|| (o.cpus * 1000.0).round().max(1.0) as u64),
+            cpu_millis: (o.cpus > 0.0 && o.cpus.is_finite())
+                .then(|| (o.cpus.min(1024.0) * 1000.0).round().max(10.0) as u64),
             tmp_bytes: o.tmp_size_mb.max(1).saturating_mul(1024 * 1024),
             egress_hosts,
         };
 
         let a = raw.api;
-        let nz = |key: &'static str, v: u32| {
-            std::num::NonZeroU32::new(v)
-                .ok_or_else(|| invalid(key, "must be greater than 0".into()))
-        };
         let api = ApiConfig {
-            requests_per_second: nz("api.requests_per_second", a.requests_per_second)?,
-            burst: nz("api.burst", a.burst)?,
-            address_requests_per_second: nz(
+            requests_per_second: problems.nonzero("api.requests_per_second", a.requests_per_second),
+            burst: problems.nonzero("api.burst", a.burst),
+            address_requests_per_second: problems.nonzero(
                 "api.address_requests_per_second",
                 a.address_requests_per_second,
-            )?,
-            address_burst: nz("api.address_burst", a.address_burst)?,
+            ),
+            address_burst: problems.nonzero("api.address_burst", a.address_burst),
         };
 
-        Ok(Config {
+        Config {
             source: path.map(Path::to_path_buf),
             gateway,
             telemetry,
@@ -865,7 +1083,7 @@ impl Config {
             orchestrator,
             api,
             cluster,
-        })
+        }
     }
 }
 
@@ -950,6 +1168,149 @@ mod tests {
         assert!(err.contains("nope"), "{err}");
     }
 
+    /// The problems of a file that is valid TOML, as `key: problem` lines.
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.iter().map(Problem::to_string).collect()
+            }
+            other => panic!("{text}: expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_mistake_in_a_file_is_reported_at_once() {
+        let text = "[gateway]\nlisten_addr = \"1.2.3.4:1\"\nbase_domain = \"sandbox.localhost\"\n\
+                    [telemetry]\nlisten = \"127.0.0.1:99999\"\n\
+                    [tokens]\nleeway_secs = \"thirty\"\n";
+        let found = problems(text);
+        assert_eq!(found.len(), 3, "{found:#?}");
+        assert!(
+            found[0] == "gateway.listen_addr: unknown key; did you mean `listen`?",
+            "{found:#?}"
+        );
+        assert_eq!(
+            found[1],
+            "tokens.leeway_secs: invalid type: string \"thirty\", expected an integer"
+        );
+        assert_eq!(
+            found[2],
+            "telemetry.listen: `127.0.0.1:99999` is not an address such as 127.0.0.1:9464"
+        );
+        // The whole message: the file first, then one indented line per problem.
+        let shown = parse(text).unwrap_err().to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(
+            lines[0], "config file /etc/sg/sandgate.toml has 3 problems:",
+            "{shown}"
+        );
+        assert_eq!(lines.len(), 4, "{shown}");
+        for (line, problem) in lines[1..].iter().zip(&found) {
+            assert_eq!(*line, format!("  {problem}"));
+        }
+    }
+
+    #[test]
+    fn unknown_keys_get_a_suggestion_or_the_list_of_known_ones() {
+        assert_eq!(
+            problems("[tokens]\ndefault_tl_secs = 5\n"),
+            ["tokens.default_tl_secs: unknown key; did you mean `default_ttl_secs`?"]
+        );
+        assert_eq!(
+            problems("[tls]\nfrobnicate = true\n"),
+            ["tls.frobnicate: unknown key, expected one of `dev_cert`, `cert_file`, `key_file`"]
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_named_in_words() {
+        assert_eq!(
+            problems("[gateway]\npublic_port = 70000\n[store]\ndata_dir = 5\n[tls]\ndev_cert = \"yes\"\n"),
+            [
+                "gateway.public_port: invalid value: integer `70000`, expected an integer from 0 to 65535",
+                "store.data_dir: invalid type: integer `5`, expected a string (a path)",
+                "tls.dev_cert: invalid type: string \"yes\", expected a boolean",
+            ]
+        );
+    }
+
+    #[test]
+    fn validation_goes_on_past_the_first_bad_value() {
+        let found = problems(
+            "[gateway]\nlisten = \"nope\"\nidle_timeout_secs = 0\n\
+             [tls]\ncert_file = \"a.pem\"\n[api]\nburst = 0\n",
+        );
+        let keys: Vec<&str> = found.iter().map(|p| p.split(':').next().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                "gateway.listen",
+                "gateway.idle_timeout_secs",
+                "tls.key_file",
+                "api.burst"
+            ],
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn unknown_sections_and_misplaced_keys_are_named() {
+        let found = problems("listen = \"x\"\n[nope]\na = 1\n[gateway]\nworkers = -1\n");
+        assert_eq!(found.len(), 3, "{found:#?}");
+        assert!(
+            found.iter().any(|p| p.starts_with(
+                "listen: unknown key at the top level (keys belong in a section), expected one of `gateway`"
+            )),
+            "{found:#?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("nope: unknown section, expected one of `gateway`")),
+            "{found:#?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p
+                    == "gateway.workers: invalid value: integer `-1`, expected an integer from 0"),
+            "{found:#?}"
+        );
+        let found = problems("gateway = 5\n");
+        assert_eq!(
+            found,
+            ["gateway: must be a table: a `[gateway]` header and keys below it"]
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_keeps_the_parsers_caret() {
+        let err = parse("[gateway]\nlisten = 127.0.0.1:8443\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err:?}");
+        let shown = err.to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(
+            lines[0], "config file /etc/sg/sandgate.toml is not valid TOML:",
+            "{shown}"
+        );
+        assert!(
+            lines[1].starts_with("  TOML parse error at line 2"),
+            "{shown}"
+        );
+        let code = lines
+            .iter()
+            .position(|l| l.contains("| listen = 127.0.0.1:8443"))
+            .unwrap_or_else(|| panic!("the line is quoted: {shown}"));
+        let caret = lines[code + 1];
+        assert!(
+            caret.trim_start().starts_with('|') && caret.trim_end().ends_with('^'),
+            "the caret is on its own line under the quoted one: {shown}"
+        );
+        // The caret points into the value, not at the key.
+        let column = caret.find('^').unwrap();
+        assert!(column >= lines[code].find("127").unwrap(), "{shown}");
+    }
+
     #[test]
     fn relative_paths_resolve_against_the_config_folder() {
         let c = parse("[store]\ndata_dir = \"../data\"\n").unwrap();
@@ -988,6 +1349,39 @@ mod tests {
         assert!(!prod.tls.dev_cert);
         assert_eq!(prod.gateway.public_port, 443);
         assert!(prod.telemetry.log_json);
+    }
+
+    #[test]
+    fn upstream_allow_is_a_list_of_networks() {
+        assert!(parse("").unwrap().gateway.upstream_allow.is_empty());
+        let c = parse("[gateway]\nupstream_allow = [\"10.0.0.0/8\", \" fd00::/8 \"]\n").unwrap();
+        let shown: Vec<String> = c
+            .gateway
+            .upstream_allow
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["10.0.0.0/8", "fd00::/8"]);
+        for (bad, says) in [
+            ("10.0.0.1/8", "write 10.0.0.0/8"),
+            ("10.0.0.0", "prefix is required"),
+            ("intranet/8", "not an IP address"),
+            ("10.0.0.0/40", "0 to 32"),
+        ] {
+            let text = format!("[gateway]\nupstream_allow = [\"10.0.0.0/8\", \"{bad}\"]\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("gateway.upstream_allow") && err.contains(bad) && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
+        let err = parse("[gateway]\nupstream_allow = \"10.0.0.0/8\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstream_allow"), "{err}");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let prod = Config::load(&dir.join("production.example.toml")).unwrap();
+        assert!(!prod.gateway.upstream_allow.is_empty());
     }
 
     #[test]

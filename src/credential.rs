@@ -26,6 +26,10 @@ pub enum Scope {
     /// Create, exec in and terminate sandboxes.
     #[serde(rename = "sandboxes:write")]
     SandboxesWrite,
+    /// Register `upstream` sandboxes (with `sandboxes:write`): an upstream points the proxy at
+    /// the network, so it is granted apart from creating `command` sandboxes.
+    #[serde(rename = "upstreams:write")]
+    UpstreamsWrite,
     /// Mint connect tokens for sandboxes.
     #[serde(rename = "tokens:issue")]
     TokensIssue,
@@ -36,10 +40,11 @@ pub enum Scope {
 
 impl Scope {
     /// Every scope, in the order they are documented.
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 6] = [
         Scope::Admin,
         Scope::SandboxesRead,
         Scope::SandboxesWrite,
+        Scope::UpstreamsWrite,
         Scope::TokensIssue,
         Scope::TokensRevoke,
     ];
@@ -56,6 +61,7 @@ impl Scope {
             Scope::Admin => "admin",
             Scope::SandboxesRead => "sandboxes:read",
             Scope::SandboxesWrite => "sandboxes:write",
+            Scope::UpstreamsWrite => "upstreams:write",
             Scope::TokensIssue => "tokens:issue",
             Scope::TokensRevoke => "tokens:revoke",
         }
@@ -71,7 +77,7 @@ impl fmt::Display for Scope {
 /// A scope name that is not one of [`Scope::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown scope `{0}`; expected one of admin, sandboxes:read, sandboxes:write, tokens:issue, tokens:revoke"
+    "unknown scope `{0}`; expected one of admin, sandboxes:read, sandboxes:write, upstreams:write, tokens:issue, tokens:revoke"
 )]
 pub struct UnknownScope(pub String);
 
@@ -261,6 +267,7 @@ mod tests {
             assert_eq!(serde_json::from_str::<Scope>(&json).unwrap(), scope);
         }
         assert_eq!(Scope::parse("sandboxes:write"), Some(Scope::SandboxesWrite));
+        assert_eq!(Scope::parse("upstreams:write"), Some(Scope::UpstreamsWrite));
     }
 
     #[test]
@@ -271,6 +278,8 @@ mod tests {
             "admin ",
             "sandboxes",
             "sandboxes:READ",
+            "upstream:write",
+            "upstreams",
             "tokens:*",
             "*",
         ] {

@@ -71,6 +71,18 @@ impl HttpError {
         )
     }
 
+    /// The sandbox's registered host now is or resolves to an address the upstream policy
+    /// refuses. The code stays `upstream_unreachable` (the contract's code for a sandbox port
+    /// the gateway cannot reach); the address itself is in the log only, not shown to whoever
+    /// holds a link.
+    pub fn upstream_refused() -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unreachable",
+            "the sandbox's upstream address is refused by the gateway's upstream policy ([gateway] upstream_allow); its owner must register it at an allowed address",
+        )
+    }
+
     pub fn upstream_timeout() -> Self {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,

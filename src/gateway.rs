@@ -6,9 +6,12 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::credential::{self, Scope, Secret};
+use crate::proxy::upstream::UpstreamPolicy;
 use crate::sandbox::process::Driver;
 use crate::sandbox::Routes;
-use crate::store::{AuditEvent, CredentialRecord, Store, StoreError, StoredSigningKey};
+use crate::store::{
+    AuditEvent, CredentialRecord, IssuedToken, Store, StoreError, StoredSigningKey,
+};
 use crate::telemetry::Metrics;
 use crate::tls::{CertResolver, TlsError};
 use crate::token::{self, Authority, SigningKey, TokenError, TokenSettings};
@@ -59,6 +62,9 @@ pub struct Gateway {
     pub driver: Option<Arc<Driver>>,
     /// Control API rate limits.
     pub api_limits: crate::api::RateLimits,
+    /// Where `upstream` sandboxes may point the proxy: checked by the control API when one is
+    /// registered, and by the proxy's connector at every connect.
+    pub upstream_policy: Arc<UpstreamPolicy>,
     /// Audit events on their way to the store, committed in groups.
     audit_log: AuditLog,
     /// When this process opened the gateway (its node's `started_at`).
@@ -68,49 +74,65 @@ pub struct Gateway {
 /// Group commit for audit events: concurrent callers' events are written in one transaction,
 /// and each caller returns only once its event is committed, so an event the API reported is
 /// never lost, while a burst costs one fsync instead of one per event.
+///
+/// An issued token's record rides along with its `token.issue` event
+/// ([`Store::record_issued_tokens`]), so issuing a token still costs one shared commit.
 struct AuditLog {
-    tx: tokio::sync::mpsc::Sender<(AuditEvent, tokio::sync::oneshot::Sender<()>)>,
+    tx: tokio::sync::mpsc::Sender<PendingAudit>,
 }
+
+/// An event on its way to the store, the token record that goes with it, and where to say
+/// whether the commit succeeded.
+type PendingAudit = (
+    AuditEvent,
+    Option<IssuedToken>,
+    tokio::sync::oneshot::Sender<bool>,
+);
 
 impl AuditLog {
     /// The most events one transaction carries.
     const MAX_BATCH: usize = 512;
 
     fn start(store: Arc<dyn Store>) -> AuditLog {
-        let (tx, mut rx) =
-            tokio::sync::mpsc::channel::<(AuditEvent, tokio::sync::oneshot::Sender<()>)>(4096);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<PendingAudit>(4096);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(Self::MAX_BATCH);
+            let mut tokens = Vec::new();
             let mut waiters = Vec::with_capacity(Self::MAX_BATCH);
-            while let Some((event, done)) = rx.recv().await {
-                batch.push(event);
-                waiters.push(done);
-                while batch.len() < Self::MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok((event, done)) => {
-                            batch.push(event);
-                            waiters.push(done);
-                        }
-                        Err(_) => break,
+            while let Some(first) = rx.recv().await {
+                let mut next = Some(first);
+                while let Some((event, token, done)) = next.take() {
+                    batch.push(event);
+                    tokens.extend(token);
+                    waiters.push(done);
+                    if batch.len() < Self::MAX_BATCH {
+                        next = rx.try_recv().ok();
                     }
                 }
-                if let Err(err) = store.append_audit_batch(&batch).await {
-                    tracing::error!(error = %err, events = batch.len(), "could not record audit events");
-                }
+                let committed = match store.record_issued_tokens(&tokens, &batch).await {
+                    Ok(()) => true,
+                    Err(err) => {
+                        tracing::error!(error = %err, events = batch.len(), tokens = tokens.len(), "could not record audit events and issued tokens");
+                        false
+                    }
+                };
                 batch.clear();
+                tokens.clear();
                 for done in waiters.drain(..) {
-                    let _ = done.send(());
+                    let _ = done.send(committed);
                 }
             }
         });
         AuditLog { tx }
     }
 
-    async fn record(&self, event: AuditEvent) {
+    /// Queues `event` (and `token`) and waits for the commit; `true` once both are durable.
+    async fn record(&self, event: AuditEvent, token: Option<IssuedToken>) -> bool {
         let (done, committed) = tokio::sync::oneshot::channel();
-        if self.tx.send((event, done)).await.is_ok() {
-            let _ = committed.await;
+        if self.tx.send((event, token, done)).await.is_err() {
+            return false;
         }
+        committed.await.unwrap_or(false)
     }
 }
 
@@ -224,6 +246,7 @@ impl Gateway {
             certs,
             driver,
             api_limits: crate::api::RateLimits::new(&config.api),
+            upstream_policy: Arc::new(UpstreamPolicy::from_config(&config)),
 
             config,
         }))
@@ -282,16 +305,42 @@ impl Gateway {
         target: &str,
         client_addr: Option<String>,
     ) {
-        tracing::info!(target: "sandgate::audit", actor, action, target, client_addr = client_addr.as_deref().unwrap_or("-"), "audit");
-        let event = AuditEvent {
-            id: 0,
-            time: unix_now(),
-            actor: actor.to_string(),
-            action: action.to_string(),
-            target: target.to_string(),
-            client_addr,
-        };
-        self.audit_log.record(event).await;
+        let event = audit_event(actor, action, target, client_addr);
+        // A failed commit is logged by the audit log; the action itself has happened.
+        self.audit_log.record(event, None).await;
+    }
+
+    /// Records a newly issued token together with its `token.issue` audit event, in the same
+    /// group commit. Unlike [`Gateway::audit`] this fails when the commit does: a token the
+    /// store does not know could not be listed or revoked by its id, so it must not be handed
+    /// out.
+    pub async fn record_issued(
+        &self,
+        token: IssuedToken,
+        target: &str,
+        client_addr: Option<String>,
+    ) -> Result<(), StoreError> {
+        let event = audit_event(&token.sub, "token.issue", target, client_addr);
+        if self.audit_log.record(event, Some(token)).await {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(
+                "the issued token could not be recorded".into(),
+            ))
+        }
+    }
+}
+
+/// An audit event stamped now, also written as one structured log line.
+fn audit_event(actor: &str, action: &str, target: &str, client_addr: Option<String>) -> AuditEvent {
+    tracing::info!(target: "sandgate::audit", actor, action, target, client_addr = client_addr.as_deref().unwrap_or("-"), "audit");
+    AuditEvent {
+        id: 0,
+        time: unix_now(),
+        actor: actor.to_string(),
+        action: action.to_string(),
+        target: target.to_string(),
+        client_addr,
     }
 }
 
@@ -397,6 +446,11 @@ fn create_private_dir(path: &Path) -> Result<(), OpenError> {
         path: path.display().to_string(),
         source,
     };
+    #[cfg(unix)]
+    let before = std::fs::metadata(path).ok().map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
     std::fs::create_dir_all(path).map_err(err)?;
     #[cfg(unix)]
     {
@@ -404,6 +458,19 @@ fn create_private_dir(path: &Path) -> Result<(), OpenError> {
         // Others may traverse (sandbox users reach their own directories below it) but not
         // list; every secret inside is a 0600 file or sits in a 0700 folder.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711)).map_err(err)?;
+        // An existing data dir that others could list or write was widened by something
+        // other than sandgate (which leaves it 0711): say so, since whatever did it may do it
+        // again, and what it exposed meanwhile is worth a look. Not `chmod 700`: the others'
+        // execute bit is what lets sandboxes running as `nobody` reach their folders.
+        if let Some(mode) = before.filter(|mode| mode & 0o066 != 0) {
+            tracing::warn!(
+                data_dir = %path.display(),
+                mode = %format!("{mode:04o}"),
+                "the data dir was open to other users (they could list or write it); sandgate \
+                 set it back to 0711. Find what widened it (a deploy step, a copy, an umask) \
+                 and check what else in it others could read"
+            );
+        }
     }
     Ok(())
 }
@@ -430,3 +497,70 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 
 /// Re-export for callers that only hold the token module.
 pub use token::IssueRequest;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Mutex};
+
+    /// What `f` logs at `warn` and above, as text.
+    fn warnings(f: impl FnOnce()) -> String {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let writer = {
+            let out = Arc::clone(&out);
+            move || Captured(Arc::clone(&out))
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(writer)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_data_dir_open_to_others_is_tightened_with_a_warning() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+
+        // Made by sandgate: 0711, nothing to warn about.
+        let logged = warnings(|| create_private_dir(&dir).unwrap());
+        assert_eq!(mode(&dir), 0o711);
+        assert!(logged.is_empty(), "{logged}");
+
+        // Widened by something else: set back, and said so with the path and the old mode.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let logged = warnings(|| create_private_dir(&dir).unwrap());
+        assert_eq!(mode(&dir), 0o711);
+        assert!(logged.contains("WARN"), "{logged}");
+        assert!(logged.contains("open to other users"), "{logged}");
+        assert!(
+            logged.contains(&format!("data_dir={}", dir.display())),
+            "{logged}"
+        );
+        assert!(logged.contains("mode=0755"), "{logged}");
+
+        // Still 0711 on the next start: quiet again.
+        let logged = warnings(|| create_private_dir(&dir).unwrap());
+        assert!(logged.is_empty(), "{logged}");
+    }
+}

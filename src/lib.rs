@@ -18,7 +18,8 @@
 //! - [`gateway`]: opens everything from a config (store, keys, certs, admin key) into shared state.
 //! - [`server`]: listeners, one single-threaded runtime per core, TLS accept, HTTP/1.1 + HTTP/2
 //!   serving, graceful shutdown.
-//! - [`proxy`]: the data plane: route → authenticate → forward.
+//! - [`proxy`]: the data plane: route → authenticate → forward; [`proxy::upstream`] is the
+//!   upstream policy (which addresses an `upstream` sandbox may be), checked at every connect.
 //! - [`api`]: the control plane (axum) on the base domain.
 //! - [`error`]: the one place gateway errors become HTTP responses.
 //! - [`telemetry`]: tracing set-up and Prometheus metrics.

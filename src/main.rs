@@ -51,7 +51,7 @@ enum Command {
         #[command(subcommand)]
         command: SandboxCommand,
     },
-    /// Mint and revoke connect tokens (calls the API).
+    /// Mint, list and revoke connect tokens (calls the API).
     Token {
         #[command(flatten)]
         api: ApiArgs,
@@ -102,16 +102,26 @@ enum KekCommand {
     Generate,
 }
 
+/// The `--help` section of the options every client command shares.
+const GATEWAY_OPTIONS: &str = "Gateway options";
+
+// clap appends `[env: NAME]` to each help line itself, so the doc comments below don't repeat it.
 #[derive(Args)]
 struct ApiArgs {
-    /// Gateway URL [env: SANDGATE_URL; default: from the local config]
-    #[arg(long, env = "SANDGATE_URL", global = true)]
+    /// Gateway URL [default: from the local config]
+    #[arg(long, env = "SANDGATE_URL", global = true, help_heading = GATEWAY_OPTIONS)]
     url: Option<String>,
-    /// API key [env: SANDGATE_API_KEY; default: the local bootstrap admin key, if readable]
-    #[arg(long, env = "SANDGATE_API_KEY", hide_env_values = true, global = true)]
+    /// API key [default: the local bootstrap admin key, if readable]
+    #[arg(
+        long,
+        env = "SANDGATE_API_KEY",
+        hide_env_values = true,
+        global = true,
+        help_heading = GATEWAY_OPTIONS
+    )]
     api_key: Option<String>,
-    /// CA certificate to trust [env: SANDGATE_CA_CERT; default: the local dev CA, if present]
-    #[arg(long, env = "SANDGATE_CA_CERT", global = true)]
+    /// CA certificate to trust [default: the local dev CA, if present]
+    #[arg(long, env = "SANDGATE_CA_CERT", global = true, help_heading = GATEWAY_OPTIONS)]
     ca: Option<PathBuf>,
     /// Print raw JSON instead of a table.
     #[arg(long, global = true)]
@@ -171,14 +181,25 @@ enum SandboxCommand {
         #[arg(long)]
         metadata: Option<String>,
     },
-    /// List sandboxes.
-    List,
+    /// List live sandboxes (starting or running); --all adds ended ones.
+    List {
+        /// Also show stopped, failed and lost sandboxes.
+        #[arg(long)]
+        all: bool,
+    },
     /// Show one sandbox.
-    Get { id: String },
+    Get {
+        /// Sandbox id.
+        id: String,
+    },
     /// Terminate a sandbox: its tokens stop working and its connections close.
-    Rm { id: String },
+    Rm {
+        /// Sandbox id.
+        id: String,
+    },
     /// Run a command inside a sandbox; prints its output and exits with its exit code.
     Exec {
+        /// Sandbox id.
         id: String,
         /// Give up (and kill it) after this long [default: the gateway's, 60s]
         #[arg(long, value_parser = parse_duration)]
@@ -186,11 +207,13 @@ enum SandboxCommand {
         /// Extra environment, KEY=VALUE (repeat).
         #[arg(long = "env", value_parser = parse_env)]
         env: Vec<(String, String)>,
+        /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
     /// Print a sandbox's output so far.
     Logs {
+        /// Sandbox id.
         id: String,
         /// Keep streaming new output until the sandbox ends.
         #[arg(short, long)]
@@ -200,10 +223,12 @@ enum SandboxCommand {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Mint a connect token for one port of a sandbox.
+    /// Mint a connect token for one port of a sandbox; prints the token, a URL that opens the
+    /// port in a browser, the token's id (jti, for `token revoke`) and its expiry.
     Create {
         /// Sandbox id.
         sandbox: String,
+        /// The sandbox port the token opens (one of the ports the sandbox publishes).
         #[arg(long)]
         port: u16,
         /// Lifetime (e.g. 90s, 10m, 1h) [default: the gateway's default, 10m]
@@ -216,30 +241,48 @@ enum TokenCommand {
         #[arg(long)]
         metadata: Option<String>,
     },
-    /// Revoke a token by its id (jti); connections opened with it close.
-    Revoke { jti: String },
+    /// List live tokens (not expired, not revoked): ids and claims, never the tokens.
+    List {
+        /// Only the tokens of this sandbox.
+        #[arg(long)]
+        sandbox: Option<String>,
+    },
+    /// Revoke a token by its id (jti); connections opened with it close. Exits 4 if no live
+    /// token has that id.
+    Revoke {
+        /// The token's id, as `token create` and `token list` print it.
+        jti: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum CredentialCommand {
     /// Create an API credential; its secret is printed once.
+    #[command(
+        after_help = "Example:\n  sandgate credential create --name ci --scope sandboxes:write --scope tokens:issue"
+    )]
     Create {
+        /// A label for people, e.g. the team or job that uses the key (1-128 characters).
         #[arg(long)]
         name: String,
-        /// admin, sandboxes:read, sandboxes:write, tokens:issue, tokens:revoke (repeat).
+        /// admin, sandboxes:read, sandboxes:write, upstreams:write, tokens:issue, tokens:revoke
+        /// (repeat; an `upstream` sandbox needs sandboxes:write and upstreams:write).
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
-        /// Expire the credential after this long.
+        /// Expire the credential after this long (e.g. 30d, 12h) [default: never]
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<i64>,
-        /// Longest connect-token lifetime this credential may ask for.
+        /// Longest connect-token lifetime this credential may ask for (e.g. 10m, 1h).
         #[arg(long, value_parser = parse_duration)]
         max_token_ttl: Option<i64>,
     },
     /// List credentials (never their secrets).
     List,
     /// Revoke a credential at once.
-    Revoke { id: String },
+    Revoke {
+        /// Credential id (cred_...).
+        id: String,
+    },
 }
 
 /// Exit codes scripts can rely on.
@@ -273,15 +316,41 @@ fn main() -> ExitCode {
         match run(cli).await {
             Ok(code) => code,
             Err(err) => {
-                eprintln!("error: {err:#}");
+                eprintln!("error: {}", report(&err));
                 if let Some(sandgate::client::ClientError::Connect { .. }) = err.downcast_ref() {
-                    eprintln!("hint: is `sandgate serve` running, and is SANDGATE_URL right? For the dev CA, set SANDGATE_CA_CERT=<data_dir>/certs/ca.pem");
+                    let ca = match local_file(|c| c.store.certs_dir().join("ca.pem")) {
+                        Some(path) => format!("SANDGATE_CA_CERT={}", path.display()),
+                        None => "SANDGATE_CA_CERT to certs/ca.pem in the gateway's data directory ([store] data_dir, `data/` by default)".to_string(),
+                    };
+                    eprintln!("hint: is `sandgate serve` running, and is SANDGATE_URL right? For the dev CA, set {ca}");
                     return ExitCode::from(exit::UNREACHABLE);
                 }
                 ExitCode::from(exit::FAILURE)
             }
         }
     })
+}
+
+/// The error and its causes, each said once: `what failed: why: why`.
+///
+/// Many of the library's errors quote their cause in their own message (so that a log line
+/// with `%err` is complete) and also return it as `source()`; printing the whole chain, as
+/// anyhow's `{:#}` does, would then say each such cause twice. A cause whose text is already
+/// in what has been printed is skipped.
+fn report(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim_end();
+        if out.contains(text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(text);
+    }
+    out
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -363,18 +432,13 @@ async fn serve(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
         None => tracing::info!("no config file found; running on built-in defaults"),
     }
+    // The error names the listener's key and what to do.
     let listeners = Listeners::bind(
         config.gateway.listen,
         config.telemetry.listen,
         config.gateway.workers,
     )
-    .await
-    .with_context(|| {
-        format!(
-            "cannot listen on {} / {} (is another sandgate running?)",
-            config.gateway.listen, config.telemetry.listen
-        )
-    })?;
+    .await?;
     let gw = Gateway::open(config).await?;
     let cfg = &gw.config;
     let port = if cfg.gateway.public_port == 443 {
@@ -469,11 +533,25 @@ fn connect(api: &ApiArgs) -> anyhow::Result<ApiClient> {
             .map(|k| k.trim().to_string())
     });
     if key.is_none() {
-        bail!(
-            "no API key: set SANDGATE_API_KEY (the bootstrap admin key is in <data_dir>/admin.key)"
-        );
+        bail!("no API key: set SANDGATE_API_KEY ({})", admin_key_hint());
     }
     Ok(ApiClient::new(&url, key, ca.as_deref())?)
+}
+
+/// A file of the local gateway (found as [`connect`] finds the URL, CA and key), as an
+/// absolute path, if it exists.
+fn local_file(path_of: impl Fn(&Config) -> PathBuf) -> Option<PathBuf> {
+    let path = path_of(&Config::load_default(None).ok()?);
+    std::fs::canonicalize(&path).ok()
+}
+
+/// Where the bootstrap admin key is: the real path when the local gateway's key is readable
+/// from here, else where to look.
+fn admin_key_hint() -> String {
+    match local_file(|c| c.store.admin_key_path()) {
+        Some(path) => format!("the bootstrap admin key is in {}", path.display()),
+        None => "the bootstrap admin key is admin.key in the gateway's data directory ([store] data_dir, `data/` by default)".to_string(),
+    }
 }
 
 /// Prints a successful answer (JSON or human form) or explains a failed one.
@@ -496,9 +574,7 @@ fn finish(api: &ApiArgs, r: ApiResponse, human: impl FnOnce(&Value)) -> anyhow::
     eprintln!("error: {message} ({code}, HTTP {})", r.status.as_u16());
     let exit = match r.status.as_u16() {
         401 => {
-            eprintln!(
-                "hint: check SANDGATE_API_KEY; the bootstrap admin key is in <data_dir>/admin.key"
-            );
+            eprintln!("hint: check SANDGATE_API_KEY; {}", admin_key_hint());
             exit::UNAUTHORIZED
         }
         403 => exit::UNAUTHORIZED,
@@ -614,7 +690,14 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
             );
             return stream_logs(&api, &client, &path).await;
         }
-        SandboxCommand::List => client.call(Method::GET, "/v1/sandboxes", None).await?,
+        SandboxCommand::List { all } => {
+            let r = client.call(Method::GET, "/v1/sandboxes", None).await?;
+            if *all {
+                r
+            } else {
+                only_live(r)?
+            }
+        }
         SandboxCommand::Get { id } => {
             client
                 .call(
@@ -635,7 +718,7 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
         }
     };
     finish(&api, r, |v| match command {
-        SandboxCommand::List => table(
+        SandboxCommand::List { .. } => table(
             &["ID", "STATUS", "PORTS", "OWNER", "CREATED"],
             items(v)
                 .iter()
@@ -691,9 +774,32 @@ async fn token_command(api: ApiArgs, command: TokenCommand) -> anyhow::Result<Ex
             let r = client.call(Method::POST, &path, Some(&body)).await?;
             finish(&api, r, |v| {
                 println!("token:      {}", s(v, "token"));
+                println!("url:        {}", s(v, "url"));
                 println!("jti:        {}", s(v, "jti"));
                 println!("expires_at: {}", s(v, "expires_at"));
-                println!("url:        {}", s(v, "url"));
+            })
+        }
+        TokenCommand::List { sandbox } => {
+            let path = match &sandbox {
+                Some(id) => format!("/v1/connect-tokens?sandbox={}", path_segment(id)?),
+                None => "/v1/connect-tokens".to_string(),
+            };
+            let r = client.call(Method::GET, &path, None).await?;
+            finish(&api, r, |v| {
+                table(
+                    &["JTI", "SANDBOX", "PORT", "EXPIRES"],
+                    items(v)
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                s(t, "jti"),
+                                s(t, "sandbox"),
+                                s(t, "port"),
+                                s(t, "expires_at"),
+                            ]
+                        })
+                        .collect(),
+                )
             })
         }
         TokenCommand::Revoke { jti } => {
@@ -861,6 +967,21 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
 }
 
+/// Keeps the live sandboxes (starting or running) of a successful list answer.
+fn only_live(r: ApiResponse) -> anyhow::Result<ApiResponse> {
+    if !r.status.is_success() {
+        return Ok(r);
+    }
+    let live: Vec<Value> = items(&r.json()?)
+        .into_iter()
+        .filter(|s| matches!(s["status"].as_str(), Some("starting" | "running")))
+        .collect();
+    Ok(ApiResponse {
+        status: r.status,
+        body: serde_json::to_vec(&json!({ "items": live }))?.into(),
+    })
+}
+
 fn items(v: &Value) -> Vec<Value> {
     v["items"].as_array().cloned().unwrap_or_default()
 }
@@ -921,7 +1042,8 @@ fn path_segment(id: &str) -> anyhow::Result<&str> {
     Ok(id)
 }
 
-/// `90`, `90s`, `10m`, `2h`, `1d` → seconds.
+/// `90s`, `10m`, `2h`, `7d` → seconds. A bare number is refused: `--ttl 10` could mean
+/// seconds or minutes, and guessing wrong mints a token for the wrong length of time.
 fn parse_duration(text: &str) -> Result<i64, String> {
     let text = text.trim();
     let (digits, unit) = text
@@ -929,15 +1051,22 @@ fn parse_duration(text: &str) -> Result<i64, String> {
         .map_or((text, ""), |i| text.split_at(i));
     let n: i64 = digits
         .parse()
-        .map_err(|_| format!("`{text}` is not a duration such as 90s, 10m, 2h or 1d"))?;
+        .map_err(|_| format!("`{text}` is not a duration such as 30s, 10m, 24h or 7d"))?;
     let mult = match unit {
-        "" | "s" => 1,
+        "" => {
+            return Err(format!(
+                "`{text}` has no unit: add a unit, e.g. {n}s or {n}m (s, m, h or d)"
+            ))
+        }
+        "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
+        _ => return Err(format!("`{text}`: the unit must be s, m, h or d, e.g. 10m")),
     };
-    n.checked_mul(mult)
-        .filter(|v| *v > 0)
-        .ok_or_else(|| format!("`{text}` is out of range"))
+    match n.checked_mul(mult) {
+        Some(0) => Err(format!("`{text}` must be longer than zero")),
+        Some(secs) => Ok(secs),
+        None => Err(format!("`{text}` is too long to count in seconds")),
+    }
 }

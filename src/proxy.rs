@@ -10,6 +10,7 @@
 pub mod body;
 pub mod connector;
 pub mod headers;
+pub mod upstream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -36,6 +37,7 @@ use crate::unix_now;
 
 use self::body::GuardedBody;
 use self::headers::Identity;
+use self::upstream::PolicedConnector;
 
 /// The client's address, put in request extensions for the control API's audit log.
 #[derive(Debug, Clone, Copy)]
@@ -96,6 +98,32 @@ enum Transport {
     Cookie,
 }
 
+/// What routing made of a request, for the metrics and the access log.
+struct Routed {
+    kind: RouteKind,
+    /// The sandbox and port the request named, when it named one (whether or not it was
+    /// admitted). The id was allocated for routing anyway; it is only moved out here.
+    sandbox: Option<(String, u16)>,
+}
+
+impl Routed {
+    const OTHER: Routed = Routed::kind(RouteKind::Other);
+
+    const fn kind(kind: RouteKind) -> Routed {
+        Routed {
+            kind,
+            sandbox: None,
+        }
+    }
+
+    fn sandbox(kind: RouteKind, id: String, port: u16) -> Routed {
+        Routed {
+            kind,
+            sandbox: Some((id, port)),
+        }
+    }
+}
+
 /// Where a request is going, decided from its host alone.
 enum Target<'a> {
     Base,
@@ -106,14 +134,23 @@ enum Target<'a> {
 /// The data plane service shared by every connection.
 pub struct Proxy {
     gw: Arc<Gateway>,
+    /// For command sandboxes, at addresses the orchestrator chose (a host port, or a port
+    /// inside an isolated sandbox's network namespace).
     client: Client<connector::Connector, Body>,
     /// The same connector, for upgrades' dedicated connections.
     connector: connector::Connector,
+    /// For `upstream` sandboxes, whose addresses an API caller chose: every new connection is
+    /// held to the upstream policy, a host name resolved afresh each time.
+    policed: Client<PolicedConnector, Body>,
+    /// The same connector, for WebSocket upgrades (which dial their own connection).
+    policed_connector: PolicedConnector,
     api: axum::Router,
     /// `.<base_domain>`: the suffix of every sandbox host.
     sandbox_suffix: Box<str>,
     /// Cancelled when the drain deadline passes: upgraded tunnels close then.
     hard_stop: CancellationToken,
+    /// `[telemetry] access_log`, read once: off, a request pays this one check and nothing else.
+    access_log: bool,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -127,16 +164,25 @@ impl Proxy {
         let cfg = &gw.config.gateway;
         let connector =
             connector::Connector::new(Arc::clone(&gw.routes), cfg.upstream_connect_timeout);
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .pool_max_idle_per_host(256)
-            .set_host(false)
-            .build(connector.clone());
+            .set_host(false);
+        let client = builder.build(connector.clone());
+        let policed_connector = PolicedConnector::new(
+            Arc::clone(&gw.upstream_policy),
+            cfg.upstream_connect_timeout,
+        );
+        let policed = builder.build(policed_connector.clone());
         Proxy {
             connector,
+            access_log: gw.config.telemetry.access_log,
             sandbox_suffix: format!(".{}", cfg.base_domain).into(),
             gw,
             client,
+            policed,
+            policed_connector,
             api,
             hard_stop,
         }
@@ -149,10 +195,17 @@ impl Proxy {
         ctx: Arc<ConnContext>,
     ) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
-        let (kind, response) = self.dispatch(req, &ctx).await;
+        // Only the method is kept from the request for the access log; the rest of what it
+        // logs comes from the routing and the response.
+        let method = self.access_log.then(|| req.method().clone());
+        let (routed, response) = self.dispatch(req, &ctx).await;
+        let elapsed = start.elapsed();
         self.gw
             .metrics
-            .observe(kind, response.status().as_u16(), start.elapsed());
+            .observe(routed.kind, response.status().as_u16(), elapsed);
+        if let Some(method) = method {
+            access_line(&method, &routed, &response, elapsed, ctx.remote);
+        }
         Ok(response)
     }
 
@@ -160,23 +213,23 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         ctx: &Arc<ConnContext>,
-    ) -> (RouteKind, Response<Body>) {
+    ) -> (Routed, Response<Body>) {
         if req.method() == Method::CONNECT {
             // No tunnels to arbitrary targets, and no extended CONNECT for now.
             let e = HttpError::bad_request("CONNECT is not supported by this gateway");
-            return (RouteKind::Other, e.to_response(req.headers()));
+            return (Routed::OTHER, e.to_response(req.headers()));
         }
         // A request whose framing or host is in doubt ends its HTTP/1 connection too: the
         // bytes after it cannot be trusted to start the next request.
         if let Err(e) = check_transfer_encoding(req.headers()) {
             let r = closing(e.to_response(req.headers()), req.version());
-            return (RouteKind::Other, r);
+            return (Routed::OTHER, r);
         }
         let (host_value, host) = match request_host(&req) {
             Ok(h) => h,
             Err(e) => {
                 let r = closing(e.to_response(req.headers()), req.version());
-                return (RouteKind::Other, r);
+                return (Routed::OTHER, r);
             }
         };
         match self.classify(&host) {
@@ -186,9 +239,12 @@ impl Proxy {
                     match routed {
                         Ok((id, port)) => {
                             let r = self.sandbox(req, ctx, port, &id, false, host_value).await;
-                            (RouteKind::Header, r)
+                            (Routed::sandbox(RouteKind::Header, id, port), r)
                         }
-                        Err(e) => (RouteKind::Header, e.to_response(req.headers())),
+                        Err(e) => (
+                            Routed::kind(RouteKind::Header),
+                            e.to_response(req.headers()),
+                        ),
                     }
                 } else {
                     req.extensions_mut().insert(ClientAddr(ctx.remote));
@@ -196,16 +252,16 @@ impl Proxy {
                         Ok(r) => r,
                         Err(never) => match never {},
                     };
-                    (RouteKind::Api, response)
+                    (Routed::kind(RouteKind::Api), response)
                 }
             }
             Target::Sandbox { port, id } => {
                 let id = id.to_string();
                 let r = self.sandbox(req, ctx, port, &id, true, host_value).await;
-                (RouteKind::Sandbox, r)
+                (Routed::sandbox(RouteKind::Sandbox, id, port), r)
             }
             Target::Unknown => (
-                RouteKind::Other,
+                Routed::OTHER,
                 HttpError::unknown_host().to_response(req.headers()),
             ),
         }
@@ -437,7 +493,7 @@ impl Proxy {
             *up.uri_mut() = origin_form;
             *up.headers_mut() = hdrs;
             return match self
-                .upgrade(up, on_client_upgrade, target, ctx, offered_marker)
+                .upgrade(up, on_client_upgrade, route, target, ctx, offered_marker)
                 .await
             {
                 Ok(r) => r,
@@ -454,14 +510,17 @@ impl Proxy {
         *up.method_mut() = method;
         *up.uri_mut() = upstream_uri;
         *up.headers_mut() = hdrs;
-        let response = match tokio::time::timeout(
-            cfg.upstream_response_timeout,
-            self.client.request(up),
-        )
-        .await
-        {
+        let request = if route.policed {
+            self.policed.request(up)
+        } else {
+            self.client.request(up)
+        };
+        let response = match tokio::time::timeout(cfg.upstream_response_timeout, request).await {
             Err(_) => return fail(HttpError::upstream_timeout()),
             Ok(Err(err)) => {
+                if let Some((host, refused)) = upstream::refusal(&err) {
+                    return fail(policy_refusal(route, host, refused));
+                }
                 tracing::debug!(error = %err, sandbox = %route.id, "upstream request failed");
                 // The client's body failed while it was being forwarded: the client's fault,
                 // not the sandbox's. What is left of that body is unread, so HTTP/1 closes.
@@ -484,6 +543,7 @@ impl Proxy {
         &self,
         up: Request<Body>,
         on_client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        route: &Route,
         target: &PortTarget,
         ctx: &Arc<ConnContext>,
         offered_marker: bool,
@@ -492,12 +552,30 @@ impl Proxy {
         let Some(on_client_upgrade) = on_client_upgrade else {
             return Err(HttpError::bad_request("this connection cannot be upgraded"));
         };
-        let stream = match self.connector.dial(&target.authority).await {
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                return Err(HttpError::upstream_timeout())
+        let stream = if route.policed {
+            // The same connector as the pooled client's, so an upgrade is held to the same
+            // upstream policy (it bounds itself by the connect timeout).
+            let port = target.authority.port_u16().unwrap_or(80);
+            match self
+                .policed_connector
+                .connect(target.authority.host(), port)
+                .await
+            {
+                Ok(s) => s,
+                Err(upstream::ConnectError::Refused { host, refused }) => {
+                    return Err(policy_refusal(route, &host, &refused))
+                }
+                Err(upstream::ConnectError::Timeout) => return Err(HttpError::upstream_timeout()),
+                Err(_) => return Err(HttpError::upstream_unreachable()),
             }
-            Err(_) => return Err(HttpError::upstream_unreachable()),
-            Ok(s) => s,
+        } else {
+            match self.connector.dial(&target.authority).await {
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    return Err(HttpError::upstream_timeout())
+                }
+                Err(_) => return Err(HttpError::upstream_unreachable()),
+                Ok(s) => s,
+            }
         };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -645,6 +723,59 @@ enum Admitted {
         claims: Arc<Claims>,
         cookie_token: String,
     },
+}
+
+/// Logs a connection the upstream policy refused (which sandbox, its host, the address; nothing
+/// secret) and gives the answer for it.
+fn policy_refusal(route: &Route, host: &str, refused: &upstream::Refused) -> HttpError {
+    tracing::warn!(
+        sandbox = %route.id,
+        host,
+        address = %refused.address,
+        reason = %refused,
+        "upstream address refused by the upstream policy"
+    );
+    HttpError::upstream_refused()
+}
+
+/// One access-log line (`[telemetry] access_log`), at `info` with target `sandgate::access`.
+///
+/// Written when the response head is ready, where the metrics are recorded, so it covers
+/// every answer on the TLS listener: forwarded responses, the gateway's own refusals on
+/// sandbox hosts (401, 403, 410, 502, ...), control API calls and unknown hosts.
+///
+/// Never the path or the query: a query can carry the connect token (`_sandgate_token`),
+/// and a path is the sandbox application's own data, which can hold secrets of its own
+/// (reset links, signed URLs) that the gateway cannot tell apart; an application that wants
+/// its paths logged logs them itself. No header either, so no token and no cookie.
+/// `duration_ms` is the time to the response head (as in the latency metric). `bytes` is
+/// the response body's declared size (its `Content-Length`, or the exact size of an answer
+/// the gateway made itself), absent when the body is streamed without one: counting the
+/// bytes as they pass would cost every chunk.
+fn access_line(
+    method: &Method,
+    routed: &Routed,
+    response: &Response<Body>,
+    elapsed: std::time::Duration,
+    client: SocketAddr,
+) {
+    let (sandbox, port) = match &routed.sandbox {
+        Some((id, port)) => (Some(id.as_str()), Some(*port)),
+        None => (None, None),
+    };
+    tracing::info!(
+        target: "sandgate::access",
+        method = %method,
+        route = %routed.kind.as_str(),
+        sandbox = sandbox.map(tracing::field::display),
+        port,
+        status = response.status().as_u16(),
+        bytes = http_body::Body::size_hint(response.body()).exact(),
+        // Microsecond resolution: most answers take well under a millisecond.
+        duration_ms = elapsed.as_micros() as f64 / 1000.0,
+        client = %client,
+        "request"
+    );
 }
 
 /// The answer for an upstream request that failed because the client's body did (too large,

@@ -72,6 +72,9 @@ pub struct Route {
     pub rewrite_host: bool,
     /// When an `upstream` sandbox times out (process sandboxes are ended by their driver).
     pub upstream_deadline: Option<i64>,
+    /// An `upstream` sandbox: its address came from an API caller, so every connection to it
+    /// is held to the upstream policy. Process sandboxes' addresses are the orchestrator's own.
+    pub policed: bool,
 }
 
 impl Route {
@@ -85,8 +88,9 @@ impl Route {
         let isolated = record.process.isolation.as_deref() == Some("namespaces");
         for &published in &record.ports {
             if isolated {
-                let authority: Authority =
-                    format!("{}{NETNS_SUFFIX}:{published}", record.id).parse().ok()?;
+                let authority: Authority = format!("{}{NETNS_SUFFIX}:{published}", record.id)
+                    .parse()
+                    .ok()?;
                 let host_header = HeaderValue::from_str(&format!("127.0.0.1:{published}")).ok()?;
                 ports.push(PortTarget {
                     published,
@@ -127,6 +131,7 @@ impl Route {
             cors_origins: record.cors_origins.clone(),
             rewrite_host: record.rewrite_host,
             upstream_deadline: record.expires_at.filter(|_| record.command.is_none()),
+            policed: record.command.is_none(),
         })
     }
 
@@ -273,13 +278,16 @@ mod tests {
     fn upstream_and_process_targets() {
         let r = Route::from_record(&record(Some("10.0.3.7"))).unwrap();
         assert_eq!(r.port(8000).unwrap().authority.as_str(), "10.0.3.7:8000");
+        assert!(r.policed);
         assert!(r.port(8001).is_none());
         let r = Route::from_record(&record(Some("::1"))).unwrap();
         assert_eq!(r.port(9000).unwrap().authority.as_str(), "[::1]:9000");
         let mut p = record(None);
         p.host_ports = BTreeMap::from([(8000, 41000), (9000, 41001)]);
+        p.command = Some(vec!["server".into()]);
         let r = Route::from_record(&p).unwrap();
         assert_eq!(r.port(9000).unwrap().authority.as_str(), "127.0.0.1:41001");
+        assert!(!r.policed);
         assert!(Route::from_record(&record(None)).is_none());
         assert!(r.allows_origin("https://APP.example.com"));
         assert!(!r.allows_origin("https://evil.example.com"));

@@ -41,18 +41,28 @@ impl Listeners {
         gateway: SocketAddr,
         telemetry: SocketAddr,
         workers: usize,
-    ) -> std::io::Result<Listeners> {
+    ) -> Result<Listeners, BindError> {
+        let gateway_err = |source| BindError {
+            key: "[gateway] listen",
+            addr: gateway,
+            source,
+        };
         let addr = {
-            let probe = std::net::TcpListener::bind(gateway)?;
-            probe.local_addr()?
+            let probe = std::net::TcpListener::bind(gateway).map_err(gateway_err)?;
+            probe.local_addr().map_err(gateway_err)?
         };
         let gateway = (0..workers.max(1))
             .map(|_| reuseport_listener(addr))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Listeners {
-            gateway,
-            telemetry: TcpListener::bind(telemetry).await?,
-        })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(gateway_err)?;
+        let telemetry = TcpListener::bind(telemetry)
+            .await
+            .map_err(|source| BindError {
+                key: "[telemetry] listen",
+                addr: telemetry,
+                source,
+            })?;
+        Ok(Listeners { gateway, telemetry })
     }
 
     /// The address the gateway sockets are bound to.
@@ -73,6 +83,48 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
+}
+
+/// A listener could not be bound. The message names the config key that set the address, so
+/// an operator knows which of the two listeners failed and what to change.
+#[derive(Debug)]
+pub struct BindError {
+    /// `[gateway] listen` or `[telemetry] listen`.
+    pub key: &'static str,
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self { key, addr, source } = self;
+        write!(f, "cannot listen on {addr} ({key}): {source}")?;
+        match source.kind() {
+            std::io::ErrorKind::AddrInUse => write!(
+                f,
+                ". Another program holds this address: is another sandgate running? Stop it, \
+                 or set {key} in the config file to a free address"
+            ),
+            std::io::ErrorKind::AddrNotAvailable => write!(
+                f,
+                ". This host has no such address: set {key} to one of its addresses, or \
+                 0.0.0.0 for all"
+            ),
+            std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => write!(
+                f,
+                ". Ports below 1024 need root or CAP_NET_BIND_SERVICE \
+                 (setcap cap_net_bind_service=+ep on the binary), or set {key} to a port \
+                 from 1024 up"
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for BindError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
 }
 
 /// Why serving stopped with an error.
@@ -115,6 +167,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let cfg = gw.config.gateway.clone();
+    // The upstream policy refuses the gateway's own listeners, wherever they were really
+    // bound (a configured port 0 is only known now).
+    if let (Ok(tls), Ok(telemetry)) = (listeners.gateway_addr(), listeners.telemetry.local_addr()) {
+        gw.upstream_policy.set_listeners(tls, telemetry);
+    }
     let shared = Arc::new(Shared {
         acceptor: TlsAcceptor::from(crate::tls::server_config(Arc::clone(&gw.certs))?),
         protocols: Protocols::new(&cfg),

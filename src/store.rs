@@ -1,5 +1,5 @@
-//! Durable state: signing keys, credentials, sandboxes, token revocations and single-use marks,
-//! cluster nodes, and the audit log.
+//! Durable state: signing keys, credentials, sandboxes, issued connect tokens (their ids, never
+//! the tokens), token revocations and single-use marks, cluster nodes, and the audit log.
 //!
 //! Callers hold an `Arc<dyn Store>` and never see the backend: records are plain owned structs,
 //! times are `i64` Unix seconds, lists and maps are Rust collections (each backend picks its own
@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 use crate::config::StoreConfig;
 use crate::credential::{Scope, SecretHash};
 
-/// How long past its `exp` a revoked or used token's entry stays listed and stored.
+/// How long past its `exp` an issued, revoked or used token's entry stays listed and stored.
 ///
 /// Verifiers accept a token up to their leeway (at most 30 s) after `exp`, so an entry must
 /// outlive `exp` by more than that; after this grace, the token fails on `exp` alone and the
@@ -87,6 +87,29 @@ impl CredentialRecord {
     pub fn is_active(&self, now: i64) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|exp| now < exp)
     }
+}
+
+/// A connect token as issued, so that it can be listed and revoked by its `jti`. Never the token
+/// itself: a record cannot be turned back into a token, so the list is safe to show to whoever
+/// may revoke.
+///
+/// Only the control plane reads these; the proxy verifies tokens by signature and never looks
+/// here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    /// The token's id (its `jti` claim): the handle for revocation.
+    pub jti: String,
+    /// The sandbox it opens (its `sbx` claim).
+    pub sandbox: String,
+    /// The sandbox port it opens.
+    pub port: u16,
+    /// The credential that minted it (its `sub` claim).
+    pub sub: String,
+    pub issued_at: i64,
+    /// Its `exp` claim; the record is pruned [`EXPIRED_TOKEN_GRACE_SECS`] after it.
+    pub exp: i64,
+    /// A single-use token (its `once` claim).
+    pub single_use: bool,
 }
 
 /// Life-cycle of a sandbox. Wire names are lowercase (`"running"`), as in the API.
@@ -434,6 +457,28 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::revoked_tokens`].
     async fn used_tokens(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError>;
 
+    /// Records issued tokens and, in the same transaction, appends audit events (their `id`s
+    /// are ignored): the group commit of token issuance, so that a token and its `token.issue`
+    /// event cost one commit (one fsync), shared by every issuance in the batch. Either all of
+    /// it is written or none; [`StoreError::Conflict`] if a `jti` is already recorded.
+    async fn record_issued_tokens(
+        &self,
+        tokens: &[IssuedToken],
+        events: &[AuditEvent],
+    ) -> Result<(), StoreError>;
+    /// One issued token by `jti`, expired or revoked ones included until [`Store::prune`]
+    /// drops them.
+    async fn issued_token(&self, jti: &str) -> Result<Option<IssuedToken>, StoreError>;
+    /// Issued tokens that are still live: `exp > live_after` and not revoked (through
+    /// [`Store::revoke_token`]), only those of `sandbox` if given, oldest first (by
+    /// `issued_at`, then insertion order). The caller picks `live_after`, e.g. `now - leeway`
+    /// for the tokens a verifier would still accept.
+    async fn live_tokens(
+        &self,
+        live_after: i64,
+        sandbox: Option<&str>,
+    ) -> Result<Vec<IssuedToken>, StoreError>;
+
     /// Appends an event (its `id` is ignored) and returns the id assigned.
     async fn append_audit(&self, e: &AuditEvent) -> Result<i64, StoreError>;
     /// Appends several events in one transaction, in order: one commit (one fsync) for many
@@ -447,7 +492,7 @@ pub trait Store: Send + Sync + 'static {
     /// The newest `limit` events, newest first.
     async fn audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError>;
 
-    /// Drops revoked and used token entries whose `exp` is more than
+    /// Drops issued, revoked and used token entries whose `exp` is more than
     /// [`EXPIRED_TOKEN_GRACE_SECS`] before `now`: such tokens fail verification on `exp` alone.
     /// Credentials, sandboxes and the audit log are kept.
     async fn prune(&self, now: i64) -> Result<(), StoreError>;
@@ -520,6 +565,8 @@ pub(crate) mod conformance {
                 mark_token_used_is_atomic_under_concurrency,
                 audit_is_newest_first_with_limit,
                 audit_batches_keep_their_order,
+                issued_tokens_are_found_by_jti_and_listed_while_live,
+                issued_tokens_commit_with_their_audit_events_or_not_at_all,
                 prune_drops_only_long_expired_token_entries,
                 nodes_round_trip_and_heartbeats_replace,
                 mark_node_lost_ends_only_that_nodes_live_sandboxes,
@@ -584,6 +631,18 @@ pub(crate) mod conformance {
             node: Some("node-a".to_owned()),
             detail: None,
             process: ProcessInfo::default(),
+        }
+    }
+
+    pub(crate) fn issued(jti: &str, sandbox: &str, issued_at: i64, exp: i64) -> IssuedToken {
+        IssuedToken {
+            jti: jti.to_owned(),
+            sandbox: sandbox.to_owned(),
+            port: 8080,
+            sub: "cred_owner".to_owned(),
+            issued_at,
+            exp,
+            single_use: false,
         }
     }
 
@@ -918,6 +977,136 @@ pub(crate) mod conformance {
         );
     }
 
+    pub(crate) async fn issued_tokens_are_found_by_jti_and_listed_while_live(store: &dyn Store) {
+        let now = 10_000;
+        assert!(store.live_tokens(0, None).await.unwrap().is_empty());
+        assert_eq!(store.issued_token("jti-none").await.unwrap(), None);
+
+        let b_late = IssuedToken {
+            port: 3000,
+            sub: "cred_other".to_owned(),
+            single_use: true,
+            ..issued("jti-b-late", "sbxb", now - 5, now + 600)
+        };
+        let a_first = IssuedToken {
+            port: u16::MAX,
+            ..issued("jti-a-first", "sbxa", now - 50, now + 60)
+        };
+        // Same `issued_at` as `a_first`: insertion order breaks the tie.
+        let a_second = issued("jti-a-second", "sbxa", now - 50, now + 1);
+        let edge = issued("jti-edge", "sbxa", now - 40, now);
+        let expired = issued("jti-expired", "sbxa", now - 900, now - 300);
+        let revoked = issued("jti-revoked", "sbxb", now - 30, now + 600);
+        let all = [&b_late, &a_first, &a_second, &edge, &expired, &revoked];
+        for t in all {
+            store
+                .record_issued_tokens(std::slice::from_ref(t), &[])
+                .await
+                .unwrap();
+        }
+        store.revoke_token(&revoked.jti, revoked.exp).await.unwrap();
+        // A revocation of a jti that was never recorded hides nothing else.
+        store
+            .revoke_token("jti-unrecorded", now + 600)
+            .await
+            .unwrap();
+
+        // Every record reads back as written, expired and revoked ones included.
+        for t in all {
+            assert_eq!(store.issued_token(&t.jti).await.unwrap().as_ref(), Some(t));
+        }
+        assert_eq!(
+            store.issued_token("jti-a").await.unwrap(),
+            None,
+            "no prefix match"
+        );
+
+        // Live: `exp > live_after`, not revoked; oldest first.
+        assert_eq!(
+            store.live_tokens(now, None).await.unwrap(),
+            vec![a_first.clone(), a_second.clone(), b_late.clone()]
+        );
+        assert_eq!(
+            store.live_tokens(now - 1, None).await.unwrap(),
+            vec![
+                a_first.clone(),
+                a_second.clone(),
+                edge.clone(),
+                b_late.clone()
+            ]
+        );
+        assert_eq!(
+            store.live_tokens(now, Some("sbxa")).await.unwrap(),
+            vec![a_first.clone(), a_second]
+        );
+        assert_eq!(
+            store.live_tokens(now, Some("sbxb")).await.unwrap(),
+            vec![b_late.clone()]
+        );
+        assert!(store
+            .live_tokens(now, Some("sbxnone"))
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(store.live_tokens(now + 600, None).await.unwrap().is_empty());
+        assert_eq!(
+            store.live_tokens(now + 59, None).await.unwrap(),
+            vec![a_first, b_late]
+        );
+    }
+
+    pub(crate) async fn issued_tokens_commit_with_their_audit_events_or_not_at_all(
+        store: &dyn Store,
+    ) {
+        let event = |i: i64| AuditEvent {
+            id: 0,
+            time: 1_000 + i,
+            actor: "cred_owner".into(),
+            action: "token.issue".into(),
+            target: format!("sbxa:8080 jti=jti-{i}"),
+            client_addr: Some("127.0.0.1".into()),
+        };
+        store.record_issued_tokens(&[], &[]).await.unwrap();
+        let tokens = [
+            issued("jti-0", "sbxa", 1, 500),
+            issued("jti-1", "sbxa", 2, 500),
+        ];
+        store
+            .record_issued_tokens(&tokens, &[event(0), event(1)])
+            .await
+            .unwrap();
+        assert_eq!(store.live_tokens(0, None).await.unwrap(), tokens);
+        let targets: Vec<String> = store
+            .audit(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.target)
+            .collect();
+        assert_eq!(targets, ["sbxa:8080 jti=jti-1", "sbxa:8080 jti=jti-0"]);
+
+        // Audit events alone, as the audit log writes most batches.
+        store.record_issued_tokens(&[], &[event(2)]).await.unwrap();
+        assert_eq!(store.audit(10).await.unwrap().len(), 3);
+
+        // A jti recorded twice conflicts, and nothing of that batch is written.
+        let again = IssuedToken {
+            sandbox: "sbxother".into(),
+            ..tokens[1].clone()
+        };
+        let err = store
+            .record_issued_tokens(&[issued("jti-3", "sbxa", 3, 500), again], &[event(3)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        assert_eq!(store.issued_token("jti-3").await.unwrap(), None);
+        assert_eq!(
+            store.issued_token("jti-1").await.unwrap().as_ref(),
+            Some(&tokens[1])
+        );
+        assert_eq!(store.audit(10).await.unwrap().len(), 3);
+    }
+
     pub(crate) async fn audit_is_newest_first_with_limit(store: &dyn Store) {
         assert!(store.audit(10).await.unwrap().is_empty());
         let mut appended = Vec::new();
@@ -968,6 +1157,10 @@ pub(crate) mod conformance {
                 .mark_token_used(&format!("u-{jti}"), exp)
                 .await
                 .unwrap());
+            store
+                .record_issued_tokens(&[issued(&format!("i-{jti}"), "sbxa", 1, exp)], &[])
+                .await
+                .unwrap();
         }
         let (_, c) = credential("cred_kept", 1);
         store.insert_credential(&c).await.unwrap();
@@ -1007,6 +1200,21 @@ pub(crate) mod conformance {
         );
         // A pruned single-use entry could be marked again, but its token fails on `exp` by then.
         assert!(!store.mark_token_used("u-live", now + 10).await.unwrap());
+        assert_eq!(store.issued_token("i-old").await.unwrap(), None);
+        let issued: Vec<(String, i64)> = store
+            .live_tokens(i64::MIN, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.jti, t.exp))
+            .collect();
+        assert_eq!(
+            issued,
+            vec![
+                ("i-edge".to_owned(), cutoff),
+                ("i-live".to_owned(), now + 10)
+            ]
+        );
 
         assert_eq!(store.credentials().await.unwrap().len(), 1);
         assert_eq!(store.sandboxes().await.unwrap().len(), 1);
@@ -1207,6 +1415,11 @@ pub(crate) mod conformance {
         store.revoke_token("jti-1", 500).await.unwrap();
         store.revoke_token("jti-1", 100).await.unwrap();
         assert!(store.mark_token_used("jti-2", 500).await.unwrap());
+        // Issuing announces nothing: no node caches issued tokens.
+        store
+            .record_issued_tokens(&[issued("jti-3", "sbxfeed", 1, 500)], &[])
+            .await
+            .unwrap();
         store
             .append_audit(&AuditEvent {
                 id: 0,

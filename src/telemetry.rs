@@ -29,8 +29,13 @@ pub fn init_tracing(level: &str, json: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(spec));
+    // Colour only for a person at a terminal: escape codes in a file or a journal are noise
+    // that every reader has to strip. `NO_COLOR` turns it off at a terminal too.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     // A second call (tests start several gateways) keeps the first subscriber.
     if json {

@@ -196,6 +196,53 @@ async fn credentials_are_created_listed_and_revoked() {
 }
 
 #[tokio::test]
+async fn an_upstreams_write_credential_made_by_the_cli_registers_upstreams() {
+    let gw = TestGateway::start().await;
+    let cli = Cli::new(&gw);
+    let out = cli
+        .run(&[
+            "credential",
+            "create",
+            "--name",
+            "registrar",
+            "--scope",
+            "sandboxes:write",
+            "--scope",
+            "upstreams:write",
+        ])
+        .await
+        .ok();
+    let secret = field(&out.stdout, "secret:").to_string();
+    let create = [
+        "sandbox",
+        "create",
+        "--upstream",
+        "127.0.0.1",
+        "--port",
+        "9",
+    ];
+    let out = cli.run_as(&secret, &create).await.ok();
+    assert!(is_id(out.stdout.trim()), "{}", out.stdout);
+    // Refused by the upstream policy whoever asks: the gateway's own TLS port.
+    let own = gw.addr.port().to_string();
+    let out = cli
+        .run_as(
+            &secret,
+            &[
+                "sandbox",
+                "create",
+                "--upstream",
+                "127.0.0.1",
+                "--port",
+                &own,
+            ],
+        )
+        .await;
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(out.stderr.contains("upstream_allow"), "{}", out.stderr);
+}
+
+#[tokio::test]
 async fn upstream_sandboxes_are_created_listed_shown_and_removed() {
     let gw = TestGateway::start().await;
     let cli = Cli::new(&gw);
@@ -633,6 +680,7 @@ async fn help_works_for_every_command() {
         &["sandbox", "logs"],
         &["token"],
         &["token", "create"],
+        &["token", "list"],
         &["token", "revoke"],
         &["credential"],
         &["credential", "create"],
@@ -650,7 +698,38 @@ async fn help_works_for_every_command() {
             "{all:?}: {}",
             out.stdout
         );
+        assert_every_option_is_explained(&all, &out.stdout);
+        // clap names each option's variable itself; the help text must not say it again.
+        for var in ["SANDGATE_URL", "SANDGATE_API_KEY", "SANDGATE_CA_CERT"] {
+            assert!(
+                out.stdout.matches(var).count() <= 1,
+                "{all:?} names {var} twice: {}",
+                out.stdout
+            );
+        }
     }
+    let out = cli.run(&["sandbox", "list", "--help"]).await.ok();
+    for var in ["SANDGATE_URL", "SANDGATE_API_KEY", "SANDGATE_CA_CERT"] {
+        assert_eq!(out.stdout.matches(var).count(), 1, "{}", out.stdout);
+    }
+    assert!(out.stdout.contains("--all"), "{}", out.stdout);
+    let out = cli.run(&["credential", "create", "--help"]).await.ok();
+    assert!(
+        out.stdout.contains("--name <NAME>")
+            && out.stdout.contains("--scope <SCOPES>")
+            && out
+                .stdout
+                .contains("sandgate credential create --name ci --scope sandboxes:write"),
+        "{}",
+        out.stdout
+    );
+    let out = cli.run(&["token", "create", "--help"]).await.ok();
+    let port_line = out
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("--port"))
+        .unwrap();
+    assert!(port_line.contains("sandbox port"), "{port_line}");
     let out = cli.run(&["--help"]).await;
     for cmd in [
         "serve",
@@ -671,6 +750,316 @@ async fn help_works_for_every_command() {
     assert!(out.stdout.starts_with("sandgate "), "{}", out.stdout);
     let out = cli.run(&["sandbox", "frobnicate"]).await;
     assert_eq!(out.code, 2, "clap's usage error: {}", out.stderr);
+}
+
+/// Every option and argument in a `--help` page has a help text: on its own line (`--opt
+/// <X>  Text`) or, when clap wraps, on the indented line after it.
+#[track_caller]
+fn assert_every_option_is_explained(args: &[&str], help: &str) {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut section = "";
+    for (i, line) in lines.iter().enumerate() {
+        if !line.starts_with(' ') {
+            section = line;
+            continue;
+        }
+        if !(section.ends_with("options:")
+            || section.ends_with("Options:")
+            || section == "Arguments:")
+        {
+            continue;
+        }
+        let item = line.trim_start();
+        let is_item = item.starts_with('-') || item.starts_with('<') || item.starts_with('[');
+        if !is_item || line.len() - item.len() > 6 {
+            continue;
+        }
+        // The item's own text: what follows two spaces after the option and its value name.
+        let own_text = item
+            .split_once("  ")
+            .is_some_and(|(_, text)| !text.trim().is_empty());
+        let next_is_text = lines.get(i + 1).is_some_and(|next| {
+            let t = next.trim_start();
+            next.len() - t.len() > 6 && !t.is_empty() && !t.starts_with('-')
+        });
+        assert!(
+            own_text || next_is_text,
+            "{args:?}: `{item}` has no help text:\n{help}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tokens_are_created_listed_and_revoked_by_their_jti() {
+    let gw = TestGateway::start().await;
+    let cli = Cli::new(&gw);
+    let echo = Echo::start().await;
+    let port = echo.port().to_string();
+    let id = gw.create_sandbox(&[echo.port()]).await;
+
+    // Human output: the token, its URL, its id and its expiry.
+    let out = cli
+        .run(&["token", "create", &id, "--port", &port, "--ttl", "10m"])
+        .await
+        .ok();
+    let token = field(&out.stdout, "token:").to_string();
+    let url = field(&out.stdout, "url:").to_string();
+    let jti = field(&out.stdout, "jti:").to_string();
+    let expires = field(&out.stdout, "expires_at:").to_string();
+    assert!(url.contains(&token) && url.contains(&id), "{}", out.stdout);
+    assert!(jti.len() >= 16, "{}", out.stdout);
+    let (_, list) = gw.api(Method::GET, "/v1/connect-tokens", None).await;
+    assert_eq!(
+        list["items"][0]["jti"],
+        jti.as_str(),
+        "the jti printed is the token's"
+    );
+    assert_eq!(list["items"][0]["expires_at"], expires.as_str());
+    let resp = gw
+        .tls()
+        .get(
+            &sandbox_host(echo.port(), &id),
+            "/",
+            &[("x-sandgate-token", &token)],
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // `token list`: a table of jti, sandbox, port and expiry, never the token.
+    let out = cli.run(&["token", "list"]).await.ok();
+    let mut lines = out.stdout.lines();
+    let header = lines.next().unwrap();
+    for col in ["JTI", "SANDBOX", "PORT", "EXPIRES"] {
+        assert!(header.contains(col), "{header}");
+    }
+    let row = lines.find(|l| l.starts_with(&jti)).expect("listed");
+    assert!(
+        row.contains(&id) && row.contains(&port) && row.contains(&expires),
+        "{row}"
+    );
+    assert!(!out.stdout.contains(&token), "the list shows a token");
+    let listed = cli
+        .run(&["token", "list", "--sandbox", &id, "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(listed["items"][0]["jti"], jti.as_str());
+    assert_eq!(listed["items"][0]["port"], echo.port());
+    assert!(!listed.to_string().contains(&token));
+    let out = cli
+        .run(&["token", "list", "--sandbox", "zzzzzzzzzzzzzzzzzzzzzzzz"])
+        .await;
+    assert_eq!(out.code, 4, "an unknown sandbox: {}", out.stderr);
+
+    // Revoke by the jti printed: the token stops working and leaves the list.
+    let out = cli.run(&["token", "revoke", &jti]).await.ok();
+    assert!(
+        out.stdout.contains(&format!("Revoked {jti}")),
+        "{}",
+        out.stdout
+    );
+    let resp = gw
+        .tls()
+        .get(
+            &sandbox_host(echo.port(), &id),
+            "/",
+            &[("x-sandgate-token", &token)],
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let out = cli.run(&["token", "list"]).await.ok();
+    assert!(!out.stdout.contains(&jti), "{}", out.stdout);
+
+    // An id no token has: not found (exit 4), said plainly, nothing on stdout.
+    let out = cli.run(&["token", "revoke", "nosuchjti"]).await;
+    assert_eq!(out.code, 4, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no such token") && out.stderr.contains("not_found"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+
+    // Durations need a unit; a too-long one is answered with the limit and its key.
+    let out = cli
+        .run(&["token", "create", &id, "--port", &port, "--ttl", "10"])
+        .await;
+    assert_eq!(out.code, 2, "a usage error: {}", out.stderr);
+    assert!(
+        out.stderr.contains("add a unit, e.g. 10s or 10m"),
+        "{}",
+        out.stderr
+    );
+    let out = cli
+        .run(&["token", "create", &id, "--port", &port, "--ttl", "100d"])
+        .await;
+    assert_eq!(out.code, 6, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("at most 24h") && out.stderr.contains("[tokens] max_ttl_secs"),
+        "{}",
+        out.stderr
+    );
+    for (flag, value) in [("--ttl", "0m"), ("--ttl", "5w"), ("--ttl", "ten")] {
+        let out = cli
+            .run(&["token", "create", &id, "--port", &port, flag, value])
+            .await;
+        assert_eq!(out.code, 2, "{value}: {}", out.stderr);
+    }
+    for args in [
+        &[
+            "sandbox",
+            "create",
+            "--upstream",
+            "127.0.0.1",
+            "--port",
+            "9",
+            "--timeout",
+            "30",
+        ][..],
+        &[
+            "credential",
+            "create",
+            "--name",
+            "x",
+            "--scope",
+            "admin",
+            "--ttl",
+            "7",
+        ][..],
+        &[
+            "credential",
+            "create",
+            "--name",
+            "x",
+            "--scope",
+            "admin",
+            "--max-token-ttl",
+            "60",
+        ][..],
+        &["sandbox", "exec", &id, "--timeout", "5", "--", "true"][..],
+    ] {
+        let out = cli.run(args).await;
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("add a unit"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    // An unpublished port: the answer lists the published one.
+    let out = cli.run(&["token", "create", &id, "--port", "1"]).await;
+    assert_eq!(out.code, 6, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("published ports are {port}")),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn sandbox_list_shows_live_sandboxes_unless_asked_for_all() {
+    let gw = TestGateway::start().await;
+    let cli = Cli::new(&gw);
+    let live = gw.create_sandbox(&[9]).await;
+    let ended = gw.create_sandbox(&[9]).await;
+    cli.run(&["sandbox", "rm", &ended]).await.ok();
+
+    let out = cli.run(&["sandbox", "list"]).await.ok();
+    assert!(out.stdout.contains(&live), "{}", out.stdout);
+    assert!(
+        !out.stdout.contains(&ended),
+        "a stopped sandbox is listed: {}",
+        out.stdout
+    );
+    let ids = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let listed = cli.run(&["sandbox", "list", "--json"]).await.ok().json();
+    assert_eq!(ids(&listed), std::slice::from_ref(&live));
+
+    let out = cli.run(&["sandbox", "list", "--all"]).await.ok();
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&ended))
+        .expect("--all lists the stopped one");
+    assert!(row.contains("stopped"), "{row}");
+    assert!(out.stdout.contains(&live));
+    let listed = cli
+        .run(&["sandbox", "list", "--all", "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(ids(&listed), [live, ended]);
+}
+
+#[tokio::test]
+async fn hints_name_the_local_gateways_real_files() {
+    let gw = TestGateway::start().await;
+    let cli = Cli::new(&gw);
+    let config = gw.dir.join("sandgate.toml");
+    let admin_key = std::fs::canonicalize(gw.gw.config.store.admin_key_path()).unwrap();
+    let ca = std::fs::canonicalize(gw.gw.config.store.certs_dir().join("ca.pem")).unwrap();
+
+    // A wrong key, run where the local config is found: the hint names the real key file.
+    let out = run(cli
+        .command()
+        .env("SANDGATE_CONFIG", &config)
+        .env("SANDGATE_API_KEY", "sgk_wrong")
+        .args(["sandbox", "list"]))
+    .await;
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&admin_key.display().to_string()),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("<data_dir>"), "{}", out.stderr);
+    // An untrusted certificate: the hint names the real dev CA.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = sandgate::tls::ensure_dev_certs(other.path(), BASE)
+        .unwrap()
+        .0
+        .ca_cert;
+    let out = run(cli
+        .command()
+        .env("SANDGATE_CONFIG", &config)
+        .env("SANDGATE_CA_CERT", &other_ca)
+        .args(["sandbox", "list"]))
+    .await;
+    assert_eq!(out.code, 5, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("SANDGATE_CA_CERT={}", ca.display())),
+        "{}",
+        out.stderr
+    );
+
+    // Without a local gateway, a description instead of a placeholder.
+    let out = cli.run_as("sgk_wrong", &["sandbox", "list"]).await;
+    assert_eq!(out.code, 3);
+    assert!(
+        out.stderr.contains("admin.key") && out.stderr.contains("data_dir"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("<data_dir>"), "{}", out.stderr);
+    let out = run(cli
+        .command()
+        .env("SANDGATE_CA_CERT", &other_ca)
+        .args(["sandbox", "list"]))
+    .await;
+    assert_eq!(out.code, 5);
+    assert!(
+        out.stderr.contains("certs/ca.pem") && !out.stderr.contains("<data_dir>"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[tokio::test]

@@ -11,10 +11,11 @@ use common::*;
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
-const SCOPES: [&str; 5] = [
+const SCOPES: [&str; 6] = [
     "admin",
     "sandboxes:read",
     "sandboxes:write",
+    "upstreams:write",
     "tokens:issue",
     "tokens:revoke",
 ];
@@ -25,13 +26,14 @@ struct Call {
     method: Method,
     path: String,
     body: Option<Value>,
-    /// The scope the endpoint documents (admin implies every scope).
+    /// The scope the endpoint documents (admin implies every scope); `a|b` when either opens
+    /// it.
     scope: &'static str,
 }
 
-/// Every `/v1` endpoint, aimed at a fresh sandbox and credential so that a call that is let
-/// through does something real.
-fn endpoints(sandbox: &str, credential: &str) -> Vec<Call> {
+/// Every `/v1` endpoint, aimed at a fresh sandbox, credential and token so that a call that
+/// is let through does something real.
+fn endpoints(sandbox: &str, credential: &str, jti: &str) -> Vec<Call> {
     let call = |name, method, path: String, body, scope| Call {
         name,
         method,
@@ -66,7 +68,8 @@ fn endpoints(sandbox: &str, credential: &str) -> Vec<Call> {
             Method::POST,
             "/v1/sandboxes".into(),
             Some(json!({"upstream": "127.0.0.1", "ports": [9]})),
-            "sandboxes:write",
+            // Both `sandboxes:write` and `upstreams:write`: no single scope but admin allows it.
+            "sandboxes:write + upstreams:write",
         ),
         call(
             "list sandboxes",
@@ -104,9 +107,16 @@ fn endpoints(sandbox: &str, credential: &str) -> Vec<Call> {
             "tokens:issue",
         ),
         call(
+            "list tokens",
+            Method::GET,
+            format!("/v1/connect-tokens?sandbox={sandbox}"),
+            None,
+            "tokens:issue|tokens:revoke",
+        ),
+        call(
             "revoke token",
             Method::DELETE,
-            "/v1/connect-tokens/some-token-id".into(),
+            format!("/v1/connect-tokens/{jti}"),
             None,
             "tokens:revoke",
         ),
@@ -154,8 +164,12 @@ async fn every_endpoint_checks_every_scope() {
         let sandbox = gw.create_sandbox(&[9]).await;
         let (victim, _) =
             create_credential(&gw, json!({"name": "victim", "scopes": ["tokens:issue"]})).await;
-        for c in endpoints(&sandbox, &victim) {
-            let allowed = scope == "admin" || scope == c.scope;
+        let jti = gw.mint(&sandbox, 9, Value::Null).await["jti"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        for c in endpoints(&sandbox, &victim, &jti) {
+            let allowed = scope == "admin" || c.scope.split('|').any(|s| s == scope);
             let (status, body) = send(&gw, Some(&key), &c).await;
             if allowed {
                 assert_ne!(
@@ -224,7 +238,7 @@ async fn every_endpoint_checks_every_scope() {
 
     // Without a usable key, every endpoint answers 401 before anything else.
     let sandbox = gw.create_sandbox(&[9]).await;
-    for c in endpoints(&sandbox, "cred_nonexistent") {
+    for c in endpoints(&sandbox, "cred_nonexistent", "nosuchjti") {
         for key in [None, Some("sgk_not-a-real-key"), Some("garbage"), Some("")] {
             let (status, body) = send(&gw, key, &c).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{} with {key:?}", c.name);
@@ -253,7 +267,12 @@ async fn every_endpoint_checks_every_scope() {
 #[tokio::test]
 async fn a_credential_sees_and_touches_only_its_own_sandboxes() {
     let gw = TestGateway::start().await;
-    let scopes = json!(["sandboxes:read", "sandboxes:write", "tokens:issue"]);
+    let scopes = json!([
+        "sandboxes:read",
+        "sandboxes:write",
+        "upstreams:write",
+        "tokens:issue"
+    ]);
     let (a_id, a) = create_credential(&gw, json!({"name": "a", "scopes": scopes})).await;
     let (b_id, b) = create_credential(&gw, json!({"name": "b", "scopes": scopes})).await;
     let new_sandbox = |key: String| {
@@ -475,7 +494,7 @@ async fn a_credential_cannot_mint_tokens_beyond_its_maximum_lifetime() {
         &gw,
         json!({
             "name": "capped",
-            "scopes": ["sandboxes:write", "tokens:issue"],
+            "scopes": ["sandboxes:write", "upstreams:write", "tokens:issue"],
             "max_token_ttl_secs": 60,
         }),
     )
@@ -626,7 +645,7 @@ async fn the_audit_log_records_who_did_what_newest_first() {
         &gw,
         json!({
             "name": "worker",
-            "scopes": ["sandboxes:write", "tokens:issue", "tokens:revoke"],
+            "scopes": ["sandboxes:write", "upstreams:write", "tokens:issue", "tokens:revoke"],
         }),
     )
     .await;

@@ -42,7 +42,11 @@ async fn exec(gw: &TestGateway, id: &str, command: &[&str]) -> Value {
 
 async fn sh(gw: &TestGateway, id: &str, script: &str) -> String {
     let v = exec(gw, id, &["sh", "-c", script]).await;
-    format!("{}{}", v["stdout"].as_str().unwrap(), v["stderr"].as_str().unwrap())
+    format!(
+        "{}{}",
+        v["stdout"].as_str().unwrap(),
+        v["stderr"].as_str().unwrap()
+    )
 }
 
 /// A sandbox serving its own `whoami.txt` on port 8000.
@@ -61,7 +65,11 @@ async fn fetch(gw: &TestGateway, id: &str, path: &str) -> (StatusCode, String) {
     let token = gw.token(id, 8000).await;
     let r = gw
         .tls()
-        .get(&sandbox_host(8000, id), path, &[("x-sandgate-token", &token)])
+        .get(
+            &sandbox_host(8000, id),
+            path,
+            &[("x-sandgate-token", &token)],
+        )
         .await;
     (r.status(), String::from_utf8_lossy(r.body()).into_owned())
 }
@@ -93,7 +101,11 @@ fn host_listening_ports() -> BTreeSet<u16> {
 fn pids_of_uid(uid: u32) -> Vec<i32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
@@ -112,7 +124,15 @@ fn pids_of_uid(uid: u32) -> Vec<i32> {
 }
 
 async fn uid_of(gw: &TestGateway, id: &str) -> u32 {
-    gw.gw.store.sandbox(id).await.unwrap().unwrap().process.uid.unwrap()
+    gw.gw
+        .store
+        .sandbox(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .process
+        .uid
+        .unwrap()
 }
 
 const PROBE: &str = r#"
@@ -147,8 +167,14 @@ async fn two_sandboxes_are_served_and_reach_neither_each_other_nor_the_host() {
     let b = server(&gw, "sandbox-b").await;
 
     // Each is served through the gateway, on the port it listens on itself.
-    assert_eq!(fetch(&gw, &a, "/whoami.txt").await, (StatusCode::OK, "sandbox-a\n".into()));
-    assert_eq!(fetch(&gw, &b, "/whoami.txt").await, (StatusCode::OK, "sandbox-b\n".into()));
+    assert_eq!(
+        fetch(&gw, &a, "/whoami.txt").await,
+        (StatusCode::OK, "sandbox-a\n".into())
+    );
+    assert_eq!(
+        fetch(&gw, &b, "/whoami.txt").await,
+        (StatusCode::OK, "sandbox-b\n".into())
+    );
     // Nothing listens on a host interface for either.
     let listening_after = host_listening_ports();
     assert!(
@@ -163,7 +189,10 @@ async fn two_sandboxes_are_served_and_reach_neither_each_other_nor_the_host() {
         "python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/whoami.txt').read().decode())\"",
     )
     .await;
-    assert!(own.contains("sandbox-a") && !own.contains("sandbox-b"), "{own}");
+    assert!(
+        own.contains("sandbox-a") && !own.contains("sandbox-b"),
+        "{own}"
+    );
     // The host's loopback services: the test's listener, telemetry, the gateway, PostgreSQL,
     // at every loopback spelling.
     let targets = [
@@ -200,7 +229,10 @@ async fn host_files_are_invisible_and_the_host_image_is_read_only() {
         return;
     }
     // A world-readable file in a 0755 folder of the host's.
-    let folder = tempfile::Builder::new().prefix("sandgate-host-").tempdir().unwrap();
+    let folder = tempfile::Builder::new()
+        .prefix("sandgate-host-")
+        .tempdir()
+        .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(folder.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let secret = folder.path().join("host-secret.txt");
@@ -227,7 +259,10 @@ async fn host_files_are_invisible_and_the_host_image_is_read_only() {
     assert!(!out.contains("host secret"), "{out}");
     assert!(out.contains("No such file"), "{out}");
     assert!(out.contains("python-visible"), "{out}");
-    assert!(out.contains("workspace-writable") && out.contains("tmp-writable"), "{out}");
+    assert!(
+        out.contains("workspace-writable") && out.contains("tmp-writable"),
+        "{out}"
+    );
     assert_eq!(out.matches("Read-only file system").count(), 3, "{out}");
     assert!(!out.contains("admin.key"), "{out}");
     gw.stop().await;
@@ -240,7 +275,12 @@ async fn processes_hostname_and_user_are_the_sandboxs_own() {
     }
     let gw = TestGateway::start().await;
     let id = server(&gw, "procs").await;
-    let out = sh(&gw, &id, "hostname; ls /proc | grep -cE '^[0-9]+$'; cat /proc/1/cmdline | tr '\\0' ' '").await;
+    let out = sh(
+        &gw,
+        &id,
+        "hostname; ls /proc | grep -cE '^[0-9]+$'; cat /proc/1/cmdline | tr '\\0' ' '",
+    )
+    .await;
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some(id.as_str()), "{out}");
     // init, the server, and this exec's shell and its children: a handful, not the host's.
@@ -252,7 +292,13 @@ async fn processes_hostname_and_user_are_the_sandboxs_own() {
     // Seen from the host, the sandbox's processes run as that uid.
     let server_pids: Vec<i32> = sandbox_pids(&id);
     assert!(!server_pids.is_empty());
-    assert_eq!(pids_of_uid(uid).iter().filter(|p| server_pids.contains(p)).count(), server_pids.len());
+    assert_eq!(
+        pids_of_uid(uid)
+            .iter()
+            .filter(|p| server_pids.contains(p))
+            .count(),
+        server_pids.len()
+    );
     let id_out = sh(&gw, &id, "id -u; grep Cap /proc/self/status").await;
     assert!(id_out.starts_with(&uid.to_string()), "{id_out}");
     assert!(id_out.contains("CapEff:\t0000000000000000"), "{id_out}");
@@ -276,10 +322,15 @@ async fn an_escapee_that_left_its_session_and_environment_dies_with_the_sandbox(
     let uid = uid_of(&gw, &id).await;
     let started = Instant::now();
     while pids_of_uid(uid).len() < 4 {
-        assert!(started.elapsed() < Duration::from_secs(5), "escapees never started");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "escapees never started"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (status, _) = gw.api(Method::DELETE, &format!("/v1/sandboxes/{id}"), None).await;
+    let (status, _) = gw
+        .api(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let deleted = Instant::now();
     while !pids_of_uid(uid).is_empty() {
@@ -308,7 +359,10 @@ async fn a_memory_hog_is_killed_and_the_sandbox_fails_naming_the_limit() {
     let v = wait_for_status(&gw, &id, &["failed", "stopped"], Duration::from_secs(30)).await;
     assert_eq!(v["status"], "failed", "{v}");
     let detail = v["detail"].as_str().unwrap();
-    assert!(detail.contains("memory") && detail.contains("64 MiB"), "{detail}");
+    assert!(
+        detail.contains("memory") && detail.contains("64 MiB"),
+        "{detail}"
+    );
     gw.stop().await;
 }
 
@@ -380,10 +434,16 @@ async fn a_cpu_limit_holds_a_busy_loop_and_a_larger_one_does_not_throttle() {
     wait_for_status(&gw, &half, &["running"], Duration::from_secs(20)).await;
     wait_for_status(&gw, &two, &["running"], Duration::from_secs(20)).await;
     let share = busy_share(&gw, &half).await;
-    assert!(share <= 0.6, "at cpus 0.5 a busy loop got {share:.2} CPU-s/s");
+    assert!(
+        share <= 0.6,
+        "at cpus 0.5 a busy loop got {share:.2} CPU-s/s"
+    );
     let share = busy_share(&gw, &two).await;
     // One thread on a shared 2-core machine: well past the 0.5 limit means unthrottled.
-    assert!(share >= 0.7, "at cpus 2 a busy loop got only {share:.2} CPU-s/s");
+    assert!(
+        share >= 0.7,
+        "at cpus 2 a busy loop got only {share:.2} CPU-s/s"
+    );
     gw.stop().await;
 }
 
@@ -393,7 +453,10 @@ async fn creating_and_deleting_many_sandboxes_leaves_nothing_behind() {
         return;
     }
     let gw = TestGateway::start().await;
-    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
     let mut ids = Vec::new();
     let mut uids = Vec::new();
     for _ in 0..25 {
@@ -403,7 +466,9 @@ async fn creating_and_deleting_many_sandboxes_leaves_nothing_behind() {
         )
         .await;
         uids.push(uid_of(&gw, &id).await);
-        let (status, _) = gw.api(Method::DELETE, &format!("/v1/sandboxes/{id}"), None).await;
+        let (status, _) = gw
+            .api(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            .await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         ids.push(id);
     }
@@ -412,15 +477,29 @@ async fn creating_and_deleting_many_sandboxes_leaves_nothing_behind() {
     else {
         panic!("not isolated");
     };
-    let left: Vec<String> = iso.leftovers().into_iter().filter(|l| ids.contains(l)).collect();
+    let left: Vec<String> = iso
+        .leftovers()
+        .into_iter()
+        .filter(|l| ids.contains(l))
+        .collect();
     assert!(left.is_empty(), "cgroups left: {left:?}");
     for uid in uids {
         assert!(pids_of_uid(uid).is_empty(), "processes of uid {uid} left");
     }
-    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
     assert_eq!(mounts_before, mounts_after, "mounts changed on the host");
     for id in &ids {
-        assert!(!gw.gw.config.store.data_dir.join("sandboxes").join(id).exists());
+        assert!(!gw
+            .gw
+            .config
+            .store
+            .data_dir
+            .join("sandboxes")
+            .join(id)
+            .exists());
     }
     gw.stop().await;
 }
@@ -432,23 +511,53 @@ async fn bad_limits_ports_and_commands_are_refused_or_fail_clearly() {
     }
     let gw = TestGateway::start().await;
     for (body, field) in [
-        (json!({"command": ["true"], "ports": [8000], "memory_mb": 1}), "memory_mb"),
-        (json!({"command": ["true"], "ports": [8000], "cpus": 0}), "cpus"),
-        (json!({"command": ["true"], "ports": [8000], "cpus": 5000}), "cpus"),
-        (json!({"command": ["true"], "ports": [8000], "max_processes": 0}), "max_processes"),
-        (json!({"command": ["true"], "ports": (1..=65).collect::<Vec<u16>>()}), "ports"),
+        (
+            json!({"command": ["true"], "ports": [8000], "memory_mb": 1}),
+            "memory_mb",
+        ),
+        (
+            json!({"command": ["true"], "ports": [8000], "cpus": 0}),
+            "cpus",
+        ),
+        (
+            json!({"command": ["true"], "ports": [8000], "cpus": 5000}),
+            "cpus",
+        ),
+        (
+            json!({"command": ["true"], "ports": [8000], "max_processes": 0}),
+            "max_processes",
+        ),
+        (
+            json!({"command": ["true"], "ports": (1..=65).collect::<Vec<u16>>()}),
+            "ports",
+        ),
         (json!({"command": ["true"], "ports": [0]}), "ports"),
-        (json!({"command": ["true"], "ports": [3128], "egress": {"allow": ["a.example"]}}), "3128"),
-        (json!({"command": ["true"], "ports": [8000], "egress": {"allow": ["10.0.0.1"]}}), "egress.allow"),
+        (
+            json!({"command": ["true"], "ports": [3128], "egress": {"allow": ["a.example"]}}),
+            "3128",
+        ),
+        (
+            json!({"command": ["true"], "ports": [8000], "egress": {"allow": ["10.0.0.1"]}}),
+            "egress.allow",
+        ),
     ] {
-        let (status, v) = gw.api(Method::POST, "/v1/sandboxes", Some(body.clone())).await;
+        let (status, v) = gw
+            .api(Method::POST, "/v1/sandboxes", Some(body.clone()))
+            .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {v}");
         assert!(v.to_string().contains(field), "{body}: {v}");
     }
     // A command that does not exist: failed, saying so, never stuck in `starting`.
-    let id = create(&gw, json!({"command": ["/no/such/program"], "ports": [8000]})).await;
+    let id = create(
+        &gw,
+        json!({"command": ["/no/such/program"], "ports": [8000]}),
+    )
+    .await;
     let v = wait_for_status(&gw, &id, &["failed"], Duration::from_secs(10)).await;
     let detail = v["detail"].as_str().unwrap();
-    assert!(detail.contains("/no/such/program") && detail.contains("No such file"), "{detail}");
+    assert!(
+        detail.contains("/no/such/program") && detail.contains("No such file"),
+        "{detail}"
+    );
     gw.stop().await;
 }

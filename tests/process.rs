@@ -1003,8 +1003,14 @@ async fn the_environment_is_clean_and_pass_env_passes_only_what_it_names() {
     }
     assert!(!names.contains(&secret.as_str()), "{names:?}");
     assert_eq!(env[passed.as_str()], "https://mirror.internal/simple");
-    assert_eq!(env["PATH"], "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    assert!(env["HOME"].ends_with(&id), "HOME is the sandbox's folder: {env:?}");
+    assert_eq!(
+        env["PATH"],
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    );
+    assert!(
+        env["HOME"].ends_with(&id),
+        "HOME is the sandbox's folder: {env:?}"
+    );
     // The same for the sandbox's own process, not only for exec.
     let pgid = pgid_of(&gw, &id).await;
     let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pgid}/environ")).unwrap())
@@ -1020,11 +1026,8 @@ async fn the_environment_is_clean_and_pass_env_passes_only_what_it_names() {
 
 #[tokio::test]
 async fn a_command_that_never_listens_fails_at_the_start_deadline_naming_its_port() {
-    let gw = TestGateway::start_with(&format!(
-        "{}start_timeout_secs = 2\n",
-        ports("31490-31499")
-    ))
-    .await;
+    let gw =
+        TestGateway::start_with(&format!("{}start_timeout_secs = 2\n", ports("31490-31499"))).await;
     let mut reaper = Reaper(Vec::new());
     // Listens on the published number instead of $PORT: the classic mistake.
     let v = create(
@@ -1037,16 +1040,32 @@ async fn a_command_that_never_listens_fails_at_the_start_deadline_naming_its_por
     // While it starts, the object says what it waits for.
     assert_eq!(v["status"], "starting", "{v}");
     let waiting = v["detail"].as_str().unwrap_or_default();
-    assert!(waiting.contains("port 8000") && waiting.contains("$PORT"), "{v}");
+    assert!(
+        waiting.contains("port 8000") && waiting.contains("$PORT"),
+        "{v}"
+    );
     let started = Instant::now();
     let v = wait_for_status(&gw, &id, &["failed", "stopped"], Duration::from_secs(15)).await;
     assert_eq!(v["status"], "failed", "{v}");
     assert!(started.elapsed() >= Duration::from_millis(1500), "{v}");
     let detail = v["detail"].as_str().unwrap();
-    for needle in ["port 8000", "$PORT", "start_timeout_secs", "listening on 8000"] {
+    for needle in [
+        "port 8000",
+        "$PORT",
+        "start_timeout_secs",
+        "listening on 8000",
+    ] {
         assert!(detail.contains(needle), "`{needle}` missing from: {detail}");
     }
-    let pgid = gw.gw.store.sandbox(&id).await.unwrap().unwrap().process.pgid;
+    let pgid = gw
+        .gw
+        .store
+        .sandbox(&id)
+        .await
+        .unwrap()
+        .unwrap()
+        .process
+        .pgid;
     wait_processes_gone(&id, pgid, Duration::from_secs(5)).await;
     gw.stop().await;
 }

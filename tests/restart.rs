@@ -47,7 +47,7 @@ async fn state_survives_a_restart_on_the_same_data_dir() {
         .api(
             Method::POST,
             "/v1/credentials",
-            Some(json!({"name": "ci", "scopes": ["sandboxes:read", "sandboxes:write", "tokens:issue"]})),
+            Some(json!({"name": "ci", "scopes": ["sandboxes:read", "sandboxes:write", "upstreams:write", "tokens:issue"]})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{cred}");

@@ -109,7 +109,10 @@ fn the_readme_walkthrough_works_and_serves_no_secret() {
                 std::fs::read_to_string(root.join("serve.log")).unwrap_or_default()
             );
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "serve never came up");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "serve never came up"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -139,7 +142,11 @@ fn the_readme_walkthrough_works_and_serves_no_secret() {
             std::fs::read_to_string(root.join("serve.log")).unwrap_or_default()
         )
     };
-    assert!(out.status.success(), "the walkthrough failed\n{}", context());
+    assert!(
+        out.status.success(),
+        "the walkthrough failed\n{}",
+        context()
+    );
     for needle in [
         "hello from the demo service",
         "token id: ",

@@ -44,7 +44,10 @@ impl Connector {
     }
 
     /// A TCP stream to `authority` (a route's): what upgrades (WebSocket) use.
-    pub async fn dial(&self, authority: &http::uri::Authority) -> std::io::Result<tokio::net::TcpStream> {
+    pub async fn dial(
+        &self,
+        authority: &http::uri::Authority,
+    ) -> std::io::Result<tokio::net::TcpStream> {
         if let Some(id) = authority.host().strip_suffix(NETNS_SUFFIX) {
             let port = authority.port_u16().unwrap_or(80);
             let netns = self.routes.netns(id).ok_or_else(|| {
@@ -55,7 +58,11 @@ impl Connector {
             })?;
             return with_timeout(self.timeout, netns.connect(port)).await;
         }
-        let stream = with_timeout(self.timeout, tokio::net::TcpStream::connect(authority.as_str())).await?;
+        let stream = with_timeout(
+            self.timeout,
+            tokio::net::TcpStream::connect(authority.as_str()),
+        )
+        .await?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
@@ -96,8 +103,9 @@ impl Service<Uri> for Connector {
         }
         let fut = self.http.call(uri);
         Box::pin(async move {
-            fut.await
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string()))
+            fut.await.map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())
+            })
         })
     }
 }

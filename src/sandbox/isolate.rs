@@ -145,7 +145,10 @@ impl Isolator {
             std::fs::create_dir_all(dir.join("workspace"))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
             std::os::unix::fs::chown(dir.join("workspace"), Some(uid), Some(uid))?;
-            std::fs::set_permissions(dir.join("workspace"), std::fs::Permissions::from_mode(0o755))
+            std::fs::set_permissions(
+                dir.join("workspace"),
+                std::fs::Permissions::from_mode(0o755),
+            )
         })();
         if let Err(e) = made {
             let _ = cgroup.remove();
@@ -338,7 +341,10 @@ impl Jail {
                 }
             }
         }
-        *self.namespaces.lock().unwrap_or_else(PoisonError::into_inner) = Some(held);
+        *self
+            .namespaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(held);
     }
 
     /// The launcher command for one exec, and the spec line to write first on its stdin.

@@ -71,7 +71,12 @@ const NOT_RUNNABLE: u8 = 127;
 
 fn block_termination_signals() {
     let mut set = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
         set.add(s);
     }
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
@@ -89,23 +94,32 @@ fn join_cgroup(procs: &[std::path::PathBuf]) -> Result<(), String> {
 fn join_ns(path: &str, kind: CloneFlags, what: &str) -> Result<(), String> {
     let file = std::fs::File::open(path)
         .map_err(|e| format!("cannot open the sandbox's {what} namespace: {e}"))?;
-    setns(file.as_fd(), kind).map_err(|e| format!("cannot join the sandbox's {what} namespace: {e}"))
+    setns(file.as_fd(), kind)
+        .map_err(|e| format!("cannot join the sandbox's {what} namespace: {e}"))
 }
 
 fn apply_rlimits(limits: &Rlimits) -> Result<(), String> {
     use nix::sys::resource::{setrlimit, Resource};
     if let Some(secs) = limits.cpu_secs {
-        setrlimit(Resource::RLIMIT_CPU, secs, secs).map_err(|e| format!("cannot limit CPU time: {e}"))?;
+        setrlimit(Resource::RLIMIT_CPU, secs, secs)
+            .map_err(|e| format!("cannot limit CPU time: {e}"))?;
     }
     if let Some(n) = limits.open_files {
-        setrlimit(Resource::RLIMIT_NOFILE, n, n).map_err(|e| format!("cannot limit open files: {e}"))?;
+        setrlimit(Resource::RLIMIT_NOFILE, n, n)
+            .map_err(|e| format!("cannot limit open files: {e}"))?;
     }
     Ok(())
 }
 
 /// The command as the sandbox's user: supplementary groups dropped, uid and gid changed (which
 /// clears every capability), a clean signal mask, exactly the spec's environment.
-fn user_command(argv: &[String], uid: u32, gid: u32, env: &std::collections::BTreeMap<String, String>, cwd: &std::path::Path) -> Result<Command, String> {
+fn user_command(
+    argv: &[String],
+    uid: u32,
+    gid: u32,
+    env: &std::collections::BTreeMap<String, String>,
+    cwd: &std::path::Path,
+) -> Result<Command, String> {
     let (program, args) = argv.split_first().ok_or("no command")?;
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -148,7 +162,10 @@ fn run_launch() -> ExitCode {
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWCGROUP;
     if let Err(e) = unshare(flags) {
-        return fail(&control, format!("cannot create the sandbox's namespaces: {e}"));
+        return fail(
+            &control,
+            format!("cannot create the sandbox's namespaces: {e}"),
+        );
     }
     let (mut ours, theirs) = match std::os::unix::net::UnixStream::pair() {
         Ok(p) => p,
@@ -217,17 +234,25 @@ fn run_init() -> ExitCode {
         }
     };
     let setup = (|| -> Result<(), String> {
-        crate::sandbox::mount::build_root(&spec).map_err(|e| format!("cannot build the sandbox's filesystem: {e}"))?;
+        crate::sandbox::mount::build_root(&spec)
+            .map_err(|e| format!("cannot build the sandbox's filesystem: {e}"))?;
         nix::unistd::sethostname(&spec.id).map_err(|e| format!("cannot set the hostname: {e}"))?;
         apply_rlimits(&spec.rlimits)?;
-        nix::sys::prctl::set_no_new_privs().map_err(|e| format!("cannot set no-new-privileges: {e}"))?;
+        nix::sys::prctl::set_no_new_privs()
+            .map_err(|e| format!("cannot set no-new-privileges: {e}"))?;
         Ok(())
     })();
     if let Err(e) = setup {
         say(&format!("error {e}"));
         return ExitCode::from(LAUNCH_FAILED);
     }
-    let mut cmd = match user_command(&spec.command, spec.uid, spec.gid, &spec.env, std::path::Path::new("/workspace")) {
+    let mut cmd = match user_command(
+        &spec.command,
+        spec.uid,
+        spec.gid,
+        &spec.env,
+        std::path::Path::new("/workspace"),
+    ) {
         Ok(c) => c,
         Err(e) => {
             say(&format!("error {e}"));
@@ -298,7 +323,8 @@ fn run_exec() -> ExitCode {
             }
         }
         apply_rlimits(&spec.rlimits)?;
-        nix::sys::prctl::set_no_new_privs().map_err(|e| format!("cannot set no-new-privileges: {e}"))?;
+        nix::sys::prctl::set_no_new_privs()
+            .map_err(|e| format!("cannot set no-new-privileges: {e}"))?;
         Ok(())
     })();
     if let Err(e) = joined {
@@ -318,7 +344,10 @@ fn run_exec() -> ExitCode {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("sandgate: cannot run `{}`: {e}", cmd.get_program().to_string_lossy());
+            eprintln!(
+                "sandgate: cannot run `{}`: {e}",
+                cmd.get_program().to_string_lossy()
+            );
             return ExitCode::from(NOT_RUNNABLE);
         }
     };
@@ -331,7 +360,8 @@ fn run_exec() -> ExitCode {
                 if let Ok(sig) = Signal::try_from(sig) {
                     let mut set = SigSet::empty();
                     set.add(sig);
-                    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
+                    let _ =
+                        nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
                     let _ = nix::sys::signal::raise(sig);
                 }
             }

@@ -44,8 +44,14 @@ fn err(what: &str, path: &Path, e: impl std::fmt::Display) -> io::Error {
 }
 
 fn bind(src: &Path, dst: &Path, read_only: bool) -> io::Result<()> {
-    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(|e| err("cannot bind", src, e))?;
+    mount(
+        Some(src),
+        dst,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| err("cannot bind", src, e))?;
     let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if read_only {
         flags |= MsFlags::MS_RDONLY;
@@ -108,14 +114,20 @@ fn write_etc(root: &Path, spec: &LaunchSpec) -> io::Result<()> {
     )?;
     std::fs::write(
         etc.join("hosts"),
-        format!("127.0.0.1\tlocalhost {id}\n::1\tlocalhost ip6-localhost\n", id = spec.id),
+        format!(
+            "127.0.0.1\tlocalhost {id}\n::1\tlocalhost ip6-localhost\n",
+            id = spec.id
+        ),
     )?;
     std::fs::write(etc.join("hostname"), format!("{}\n", spec.id))?;
     std::fs::write(
         etc.join("resolv.conf"),
         "# No name server: reach allowed hosts through $HTTPS_PROXY (the egress proxy).\n",
     )?;
-    std::fs::write(etc.join("nsswitch.conf"), "passwd: files\ngroup: files\nhosts: files\n")?;
+    std::fs::write(
+        etc.join("nsswitch.conf"),
+        "passwd: files\ngroup: files\nhosts: files\n",
+    )?;
     for name in HOST_ETC {
         show_host(&Path::new("/etc").join(name), &etc.join(name))?;
     }
@@ -125,14 +137,24 @@ fn write_etc(root: &Path, spec: &LaunchSpec) -> io::Result<()> {
 fn build_dev(root: &Path) -> io::Result<()> {
     let dev = root.join("dev");
     std::fs::create_dir_all(&dev)?;
-    tmpfs(&dev, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, "mode=0755,size=64k")?;
+    tmpfs(
+        &dev,
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        "mode=0755,size=64k",
+    )?;
     for name in DEVICES {
         let src = Path::new("/dev").join(name);
         if src.exists() {
             let dst = dev.join(name);
             std::fs::write(&dst, b"")?;
-            mount(Some(&src), &dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .map_err(|e| err("cannot bind", &src, e))?;
+            mount(
+                Some(&src),
+                &dst,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| err("cannot bind", &src, e))?;
         }
     }
     let pts = dev.join("pts");
@@ -148,7 +170,11 @@ fn build_dev(root: &Path) -> io::Result<()> {
     std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"))?;
     let shm = dev.join("shm");
     std::fs::create_dir_all(&shm)?;
-    tmpfs(&shm, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777,size=64m")?;
+    tmpfs(
+        &shm,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        "mode=1777,size=64m",
+    )?;
     for (name, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -164,10 +190,20 @@ fn build_dev(root: &Path) -> io::Result<()> {
 /// namespace (and PID namespace, for `/proc`), as root.
 pub fn build_root(spec: &LaunchSpec) -> io::Result<()> {
     // Nothing mounted from here on propagates back to the host.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(|e| err("cannot make private", Path::new("/"), e))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| err("cannot make private", Path::new("/"), e))?;
     let root: PathBuf = spec.root.clone();
-    tmpfs(&root, MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=0755,size=16m")?;
+    tmpfs(
+        &root,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        "mode=0755,size=16m",
+    )?;
     for tree in HOST_TREES {
         show_host(&Path::new("/").join(tree), &root.join(tree))?;
     }
@@ -214,7 +250,9 @@ pub fn build_root(spec: &LaunchSpec) -> io::Result<()> {
     // nothing of the host reachable.
     nix::unistd::chdir(&root).map_err(|e| err("cannot enter", &root, e))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| err("cannot pivot_root to", &root, e))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(|e| err("cannot detach the host's root at", Path::new("/"), e))?;
-    nix::unistd::chdir("/workspace").map_err(|e| err("cannot enter", Path::new("/workspace"), e))?;
+    umount2(".", MntFlags::MNT_DETACH)
+        .map_err(|e| err("cannot detach the host's root at", Path::new("/"), e))?;
+    nix::unistd::chdir("/workspace")
+        .map_err(|e| err("cannot enter", Path::new("/workspace"), e))?;
     Ok(())
 }

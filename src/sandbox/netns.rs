@@ -37,7 +37,12 @@ pub fn init_home() -> io::Result<()> {
 fn home() -> io::Result<&'static OwnedFd> {
     HOME.get_or_init(|| std::fs::File::open("/proc/thread-self/ns/net").map(OwnedFd::from))
         .as_ref()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open this process's network namespace: {e}")))
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot open this process's network namespace: {e}"),
+            )
+        })
 }
 
 impl NetNs {
@@ -82,8 +87,9 @@ impl NetNs {
     /// the process aborts instead: that cannot happen while the home descriptor is open.
     pub fn within<T>(&self, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         let home = home()?;
-        setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET)
-            .map_err(|e| io::Error::other(format!("cannot enter the sandbox's network namespace: {e}")))?;
+        setns(self.fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+            io::Error::other(format!("cannot enter the sandbox's network namespace: {e}"))
+        })?;
         let made = make();
         if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
             tracing::error!(error = %e, "cannot return to the gateway's network namespace; aborting");
@@ -146,7 +152,9 @@ fn loopback_up() -> io::Result<()> {
     match (n >= 20, kind, errno) {
         (true, Some(NLMSG_ERROR), Some(0)) => Ok(()),
         (true, Some(NLMSG_ERROR), Some(e)) => Err(io::Error::from_raw_os_error(-e)),
-        _ => Err(io::Error::other("unexpected netlink answer bringing up loopback")),
+        _ => Err(io::Error::other(
+            "unexpected netlink answer bringing up loopback",
+        )),
     }
 }
 
@@ -178,8 +186,15 @@ mod tests {
         server.await.unwrap();
         // The host's listener is not there, and the inside one is not on the host.
         assert!(ns.connect(host_port).await.is_err());
-        assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() || port == host_port);
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+                || port == host_port
+        );
         // This thread is back home: the host listener answers.
-        assert!(tokio::net::TcpStream::connect(("127.0.0.1", host_port)).await.is_ok());
+        assert!(tokio::net::TcpStream::connect(("127.0.0.1", host_port))
+            .await
+            .is_ok());
     }
 }

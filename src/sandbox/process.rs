@@ -357,7 +357,10 @@ impl Driver {
     ) -> Result<SandboxRecord, DriverError> {
         let command = record.command.clone().unwrap_or_default();
         let limits = Limits {
-            memory_bytes: record.process.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+            memory_bytes: record
+                .process
+                .memory_mb
+                .map(|mb| mb.saturating_mul(1024 * 1024)),
             cpu_millis: record.process.cpu_millis,
             max_tasks: record.process.max_processes,
         };
@@ -367,7 +370,9 @@ impl Driver {
             let id = record.id.clone();
             tokio::task::spawn_blocking(move || iso.prepare(&id, &limits, egress))
                 .await
-                .map_err(|_| DriverError::Isolation(IsolationError::Launch("preparation panicked".into())))??
+                .map_err(|_| {
+                    DriverError::Isolation(IsolationError::Launch("preparation panicked".into()))
+                })??
         };
         let jail = Arc::new(jail);
         record.process.uid = Some(jail.uid);
@@ -405,7 +410,8 @@ impl Driver {
         }
         self.logs_dir().map_err(DriverError::Dir)?;
         let log = LogSink::open(&self.log_path(&record.id), self.cfg.log_max_bytes).await;
-        self.routes.attach_netns(&record.id, Arc::clone(&jail.netns));
+        self.routes
+            .attach_netns(&record.id, Arc::clone(&jail.netns));
         let mut child = match jail.spawn(&command, env, self.rlimits(&record)).await {
             Ok(child) => child,
             Err(e) => {
@@ -437,8 +443,14 @@ impl Driver {
         self.routes.upsert(&record);
         tracing::info!(sandbox = %record.id, uid = jail.uid, awaiting = %awaited_ports(&record, &ports), "isolated sandbox starting");
         let pumps = [
-            child.stdout.take().map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
-            child.stderr.take().map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
+            child
+                .stdout
+                .take()
+                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
+            child
+                .stderr
+                .take()
+                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
         ];
         self.run_supervisor(&record, child, Some(jail), Vec::new(), ports, pumps);
         Ok(record)
@@ -493,8 +505,14 @@ impl Driver {
         self.routes.upsert(&record);
         let log = LogSink::open(&self.log_path(&record.id), self.cfg.log_max_bytes).await;
         let pumps = [
-            child.stdout.take().map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
-            child.stderr.take().map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
+            child
+                .stdout
+                .take()
+                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
+            child
+                .stderr
+                .take()
+                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
         ];
         self.run_supervisor(&record, child, None, host_ports, ports, pumps);
         Ok(record)

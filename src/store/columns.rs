@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{CredentialRecord, SandboxRecord, SandboxStatus, StoreError};
+use super::{CredentialRecord, IssuedToken, SandboxRecord, SandboxStatus, StoreError};
 use crate::credential::{Scope, SecretHash};
 
 pub(super) fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
@@ -181,6 +181,40 @@ impl SandboxParams {
             node: s.node.clone(),
             detail: s.detail.clone(),
             process: to_json(&s.process)?,
+        })
+    }
+}
+
+pub(super) const ISSUED_TOKEN_COLUMNS: &str = "jti, sandbox, port, sub, issued_at, exp, single_use";
+
+/// Raw issued-token columns: the port is a plain integer column in both backends (neither has
+/// an unsigned 16-bit type), checked on the way out.
+pub(super) struct IssuedTokenRow {
+    pub(super) jti: String,
+    pub(super) sandbox: String,
+    pub(super) port: i64,
+    pub(super) sub: String,
+    pub(super) issued_at: i64,
+    pub(super) exp: i64,
+    pub(super) single_use: bool,
+}
+
+impl IssuedTokenRow {
+    pub(super) fn decode(self) -> Result<IssuedToken, StoreError> {
+        let port = u16::try_from(self.port).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "issued token {} has port {}, not 0-65535",
+                self.jti, self.port
+            ))
+        })?;
+        Ok(IssuedToken {
+            jti: self.jti,
+            sandbox: self.sandbox,
+            port,
+            sub: self.sub,
+            issued_at: self.issued_at,
+            exp: self.exp,
+            single_use: self.single_use,
         })
     }
 }

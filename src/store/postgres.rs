@@ -36,11 +36,12 @@ use sqlx::{Connection as _, PgConnection, Row as _};
 use tokio::sync::broadcast;
 
 use super::columns::{
-    scopes_json, CredentialRow, SandboxParams, SandboxRow, CREDENTIAL_COLUMNS, SANDBOX_COLUMNS,
+    scopes_json, CredentialRow, IssuedTokenRow, SandboxParams, SandboxRow, CREDENTIAL_COLUMNS,
+    ISSUED_TOKEN_COLUMNS, SANDBOX_COLUMNS,
 };
 use super::{
-    AuditEvent, Change, CredentialRecord, NodeRecord, SandboxRecord, SandboxStatus, Store,
-    StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY, EXPIRED_TOKEN_GRACE_SECS,
+    AuditEvent, Change, CredentialRecord, IssuedToken, NodeRecord, SandboxRecord, SandboxStatus,
+    Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY, EXPIRED_TOKEN_GRACE_SECS,
 };
 use crate::credential::SecretHash;
 
@@ -120,6 +121,20 @@ const MIGRATIONS: &[&str] = &[
         started_at     BIGINT NOT NULL,
         last_heartbeat BIGINT NOT NULL
      );",
+    // 2: issued connect tokens (ids and claims, never the token), to list and revoke them;
+    // SQLite's migration 4.
+    "CREATE TABLE issued_tokens (
+        jti        TEXT PRIMARY KEY,
+        seq        BIGINT GENERATED ALWAYS AS IDENTITY,
+        sandbox    TEXT NOT NULL,
+        port       INTEGER NOT NULL,
+        sub        TEXT NOT NULL,  -- the credential that minted it
+        issued_at  BIGINT NOT NULL,
+        exp        BIGINT NOT NULL,
+        single_use BOOLEAN NOT NULL
+     );
+     CREATE INDEX issued_tokens_by_sandbox ON issued_tokens (sandbox);
+     CREATE INDEX issued_tokens_by_exp ON issued_tokens (exp);",
 ];
 
 /// How long one store call may take, queueing for a connection included, before it fails as
@@ -949,6 +964,67 @@ fn decode_sandbox(r: &PgRow) -> Result<SandboxRecord, StoreError> {
     sandbox_row(r).map_err(classify)?.decode()
 }
 
+fn decode_issued_token(r: &PgRow) -> Result<IssuedToken, StoreError> {
+    let row = || -> Result<IssuedTokenRow, sqlx::Error> {
+        Ok(IssuedTokenRow {
+            jti: r.try_get(0)?,
+            sandbox: r.try_get(1)?,
+            port: i64::from(r.try_get::<i32, _>(2)?),
+            sub: r.try_get(3)?,
+            issued_at: r.try_get(4)?,
+            exp: r.try_get(5)?,
+            single_use: r.try_get(6)?,
+        })
+    };
+    row().map_err(classify)?.decode()
+}
+
+/// Audit events as column arrays, so a whole batch is one `INSERT ... SELECT FROM UNNEST`.
+struct AuditArrays {
+    times: Vec<i64>,
+    actors: Vec<String>,
+    actions: Vec<String>,
+    targets: Vec<String>,
+    addrs: Vec<Option<String>>,
+}
+
+/// Appends the events bound as `$1..$5` ([`AuditArrays::bind`]); identities are assigned in
+/// `ORDER BY` order, so ids follow the batch's order.
+const INSERT_AUDIT_ARRAYS: &str =
+    "INSERT INTO audit_events (time, actor, action, target, client_addr)
+     SELECT time, actor, action, target, client_addr
+     FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[])
+          WITH ORDINALITY AS e(time, actor, action, target, client_addr, ord)
+     ORDER BY ord";
+
+impl AuditArrays {
+    fn of(events: &[AuditEvent]) -> AuditArrays {
+        let column = |f: fn(&AuditEvent) -> &str| -> Vec<String> {
+            events.iter().map(|e| text(f(e)).into_owned()).collect()
+        };
+        AuditArrays {
+            times: events.iter().map(|e| e.time).collect(),
+            actors: column(|e| &e.actor),
+            actions: column(|e| &e.action),
+            targets: column(|e| &e.target),
+            addrs: events.iter().map(|e| opt_text(&e.client_addr)).collect(),
+        }
+    }
+
+    /// Binds the arrays as `$1..$5`.
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.times)
+            .bind(&self.actors)
+            .bind(&self.actions)
+            .bind(&self.targets)
+            .bind(&self.addrs)
+    }
+}
+
 const NODE_COLUMNS: &str =
     "name, advertise_addr, runs_sandboxes, version, started_at, last_heartbeat";
 
@@ -1327,33 +1403,104 @@ impl Store for PostgresStore {
         if events.is_empty() {
             return Ok(());
         }
-        let times: Vec<i64> = events.iter().map(|e| e.time).collect();
-        let column = |f: fn(&AuditEvent) -> &str| -> Vec<String> {
-            events.iter().map(|e| text(f(e)).into_owned()).collect()
-        };
-        let actors = column(|e| &e.actor);
-        let actions = column(|e| &e.action);
-        let targets = column(|e| &e.target);
-        let addrs: Vec<Option<String>> = events.iter().map(|e| opt_text(&e.client_addr)).collect();
+        let audit = AuditArrays::of(events);
         bounded(async {
-            // One statement for the whole batch; identities are assigned in `ORDER BY` order, so
-            // ids follow the batch's order.
-            sqlx::query(
-                "INSERT INTO audit_events (time, actor, action, target, client_addr)
-                 SELECT time, actor, action, target, client_addr
-                 FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[])
-                      WITH ORDINALITY AS e(time, actor, action, target, client_addr, ord)
-                 ORDER BY ord",
-            )
-            .bind(&times)
-            .bind(&actors)
-            .bind(&actions)
-            .bind(&targets)
-            .bind(&addrs)
-            .execute(self.pool())
+            // One statement for the whole batch: atomic on its own.
+            audit
+                .bind(sqlx::query(INSERT_AUDIT_ARRAYS))
+                .execute(self.pool())
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_issued_tokens(
+        &self,
+        tokens: &[IssuedToken],
+        events: &[AuditEvent],
+    ) -> Result<(), StoreError> {
+        if tokens.is_empty() {
+            return self.append_audit_batch(events).await;
+        }
+        let audit = AuditArrays::of(events);
+        let jtis: Vec<String> = tokens.iter().map(|t| text(&t.jti).into_owned()).collect();
+        let sandboxes: Vec<String> = tokens
+            .iter()
+            .map(|t| text(&t.sandbox).into_owned())
+            .collect();
+        let ports: Vec<i32> = tokens.iter().map(|t| i32::from(t.port)).collect();
+        let subs: Vec<String> = tokens.iter().map(|t| text(&t.sub).into_owned()).collect();
+        let issued_at: Vec<i64> = tokens.iter().map(|t| t.issued_at).collect();
+        let exps: Vec<i64> = tokens.iter().map(|t| t.exp).collect();
+        let once: Vec<bool> = tokens.iter().map(|t| t.single_use).collect();
+        // One statement (a data-modifying CTE always runs to completion): atomic, one round
+        // trip and one commit for the tokens and the events together.
+        let sql = format!(
+            "WITH issued AS (
+                INSERT INTO issued_tokens ({ISSUED_TOKEN_COLUMNS})
+                SELECT jti, sandbox, port, sub, issued_at, exp, single_use
+                FROM UNNEST($6::TEXT[], $7::TEXT[], $8::INTEGER[], $9::TEXT[], $10::BIGINT[],
+                            $11::BIGINT[], $12::BOOLEAN[])
+                     WITH ORDINALITY
+                     AS t(jti, sandbox, port, sub, issued_at, exp, single_use, ord)
+                ORDER BY ord
+             )
+             {INSERT_AUDIT_ARRAYS}"
+        );
+        bounded(async {
+            audit
+                .bind(sqlx::query(&sql))
+                .bind(&jtis)
+                .bind(&sandboxes)
+                .bind(&ports)
+                .bind(&subs)
+                .bind(&issued_at)
+                .bind(&exps)
+                .bind(&once)
+                .execute(self.pool())
+                .await
+                .map_err(|e| classify_insert(e, || "a token id is already recorded".to_owned()))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn issued_token(&self, jti: &str) -> Result<Option<IssuedToken>, StoreError> {
+        bounded(async {
+            sqlx::query(&format!(
+                "SELECT {ISSUED_TOKEN_COLUMNS} FROM issued_tokens WHERE jti = $1"
+            ))
+            .bind(text(jti))
+            .fetch_optional(self.pool())
+            .await
+            .map_err(classify)?
+            .as_ref()
+            .map(decode_issued_token)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn live_tokens(
+        &self,
+        live_after: i64,
+        sandbox: Option<&str>,
+    ) -> Result<Vec<IssuedToken>, StoreError> {
+        bounded(async {
+            let rows = sqlx::query(&format!(
+                "SELECT {ISSUED_TOKEN_COLUMNS} FROM issued_tokens i
+                 WHERE exp > $1 AND ($2::TEXT IS NULL OR sandbox = $2)
+                   AND NOT EXISTS (SELECT 1 FROM revoked_tokens r WHERE r.jti = i.jti)
+                 ORDER BY issued_at, seq"
+            ))
+            .bind(live_after)
+            .bind(sandbox.map(text))
+            .fetch_all(self.pool())
             .await
             .map_err(classify)?;
-            Ok(())
+            rows.iter().map(decode_issued_token).collect()
         })
         .await
     }
@@ -1402,9 +1549,15 @@ impl Store for PostgresStore {
                 .await
                 .map_err(classify)?
                 .rows_affected();
+            let issued = sqlx::query("DELETE FROM issued_tokens WHERE exp < $1")
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
             tx.commit().await.map_err(classify)?;
-            if revoked + used > 0 {
-                tracing::debug!(revoked, used, "pruned expired token entries");
+            if revoked + used + issued > 0 {
+                tracing::debug!(revoked, used, issued, "pruned expired token entries");
             }
             Ok(())
         })

@@ -17,11 +17,13 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 use tokio::sync::broadcast;
 
 use super::columns::{
-    scopes_json, CredentialRow, SandboxParams, SandboxRow, CREDENTIAL_COLUMNS, SANDBOX_COLUMNS,
+    scopes_json, CredentialRow, IssuedTokenRow, SandboxParams, SandboxRow, CREDENTIAL_COLUMNS,
+    ISSUED_TOKEN_COLUMNS, SANDBOX_COLUMNS,
 };
 use super::{
-    AuditEvent, BoxError, Change, CredentialRecord, NodeRecord, SandboxRecord, SandboxStatus,
-    Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY, EXPIRED_TOKEN_GRACE_SECS,
+    AuditEvent, BoxError, Change, CredentialRecord, IssuedToken, NodeRecord, SandboxRecord,
+    SandboxStatus, Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY,
+    EXPIRED_TOKEN_GRACE_SECS,
 };
 use crate::credential::SecretHash;
 
@@ -95,6 +97,18 @@ const MIGRATIONS: &[&str] = &[
         last_heartbeat INTEGER NOT NULL
      ) STRICT;
      CREATE INDEX sandboxes_by_node ON sandboxes (node) WHERE node IS NOT NULL;",
+    // 4: issued connect tokens (ids and claims, never the token), to list and revoke them.
+    "CREATE TABLE issued_tokens (
+        jti        TEXT PRIMARY KEY,
+        sandbox    TEXT NOT NULL,
+        port       INTEGER NOT NULL,
+        sub        TEXT NOT NULL,     -- the credential that minted it
+        issued_at  INTEGER NOT NULL,
+        exp        INTEGER NOT NULL,
+        single_use INTEGER NOT NULL
+     ) STRICT;
+     CREATE INDEX issued_tokens_by_sandbox ON issued_tokens (sandbox);
+     CREATE INDEX issued_tokens_by_exp ON issued_tokens (exp);",
 ];
 
 /// How long a statement waits for a lock held by another connection (another `sandgate`
@@ -390,6 +404,33 @@ impl SandboxParams {
     }
 }
 
+impl IssuedTokenRow {
+    fn read(r: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(IssuedTokenRow {
+            jti: r.get(0)?,
+            sandbox: r.get(1)?,
+            port: r.get(2)?,
+            sub: r.get(3)?,
+            issued_at: r.get(4)?,
+            exp: r.get(5)?,
+            single_use: r.get(6)?,
+        })
+    }
+}
+
+const INSERT_AUDIT: &str = "INSERT INTO audit_events (time, actor, action, target, client_addr)
+     VALUES (?1, ?2, ?3, ?4, ?5)";
+
+/// Appends `events` inside `tx`, in order.
+fn insert_audit(tx: &rusqlite::Transaction<'_>, events: &[AuditEvent]) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached(INSERT_AUDIT).map_err(classify)?;
+    for e in events {
+        stmt.execute(params![e.time, e.actor, e.action, e.target, e.client_addr])
+            .map_err(classify)?;
+    }
+    Ok(())
+}
+
 fn token_list(conn: &Connection, sql: &str, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(sql).map_err(classify)?;
     let rows = stmt
@@ -681,19 +722,83 @@ impl Store for SqliteStore {
         let events = events.to_vec();
         self.call(move |conn| {
             let tx = conn.transaction().map_err(classify)?;
+            insert_audit(&tx, &events)?;
+            tx.commit().map_err(classify)
+        })
+        .await
+    }
+
+    async fn record_issued_tokens(
+        &self,
+        tokens: &[IssuedToken],
+        events: &[AuditEvent],
+    ) -> Result<(), StoreError> {
+        let tokens = tokens.to_vec();
+        let events = events.to_vec();
+        self.call(move |conn| {
+            // One transaction, one commit: the tokens and the events are durable together.
+            let tx = conn.transaction().map_err(classify)?;
             {
                 let mut stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO audit_events (time, actor, action, target, client_addr)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )
+                    .prepare_cached(&format!(
+                        "INSERT INTO issued_tokens ({ISSUED_TOKEN_COLUMNS})
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                    ))
                     .map_err(classify)?;
-                for e in &events {
-                    stmt.execute(params![e.time, e.actor, e.action, e.target, e.client_addr])
-                        .map_err(classify)?;
+                for t in &tokens {
+                    stmt.execute(params![
+                        t.jti,
+                        t.sandbox,
+                        t.port,
+                        t.sub,
+                        t.issued_at,
+                        t.exp,
+                        t.single_use
+                    ])
+                    .map_err(|e| {
+                        classify_insert(e, || format!("token {} is already recorded", t.jti))
+                    })?;
                 }
             }
+            insert_audit(&tx, &events)?;
             tx.commit().map_err(classify)
+        })
+        .await
+    }
+
+    async fn issued_token(&self, jti: &str) -> Result<Option<IssuedToken>, StoreError> {
+        let jti = jti.to_owned();
+        self.call(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {ISSUED_TOKEN_COLUMNS} FROM issued_tokens WHERE jti = ?1"
+            ))
+            .and_then(|mut stmt| stmt.query_row([&jti], IssuedTokenRow::read).optional())
+            .map_err(classify)?
+            .map(IssuedTokenRow::decode)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn live_tokens(
+        &self,
+        live_after: i64,
+        sandbox: Option<&str>,
+    ) -> Result<Vec<IssuedToken>, StoreError> {
+        let sandbox = sandbox.map(str::to_owned);
+        self.call(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {ISSUED_TOKEN_COLUMNS} FROM issued_tokens i
+                     WHERE exp > ?1 AND (?2 IS NULL OR sandbox = ?2)
+                       AND NOT EXISTS (SELECT 1 FROM revoked_tokens r WHERE r.jti = i.jti)
+                     ORDER BY issued_at, rowid"
+                ))
+                .map_err(classify)?;
+            let rows = stmt
+                .query_map(params![live_after, sandbox], IssuedTokenRow::read)
+                .map_err(classify)?;
+            rows.map(|row| row.map_err(classify)?.decode()).collect()
         })
         .await
     }
@@ -734,9 +839,12 @@ impl Store for SqliteStore {
             let used = tx
                 .execute("DELETE FROM used_tokens WHERE exp < ?1", [cutoff])
                 .map_err(classify)?;
+            let issued = tx
+                .execute("DELETE FROM issued_tokens WHERE exp < ?1", [cutoff])
+                .map_err(classify)?;
             tx.commit().map_err(classify)?;
-            if revoked + used > 0 {
-                tracing::debug!(revoked, used, "pruned expired token entries");
+            if revoked + used + issued > 0 {
+                tracing::debug!(revoked, used, issued, "pruned expired token entries");
             }
             Ok(())
         })
@@ -1071,6 +1179,13 @@ mod tests {
             store.mark_node_lost("node-a", 11, 20).await.unwrap(),
             vec!["sbxold".to_owned()]
         );
+        // The issued-token table of migration 4 is there too.
+        let issued = conformance::issued("jti-after-upgrade", "sbxold", 30, 900);
+        store
+            .record_issued_tokens(std::slice::from_ref(&issued), &[])
+            .await
+            .unwrap();
+        assert_eq!(store.live_tokens(0, None).await.unwrap(), vec![issued]);
         let version: i64 = store
             .conn
             .lock()

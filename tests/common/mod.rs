@@ -829,6 +829,16 @@ impl TestGateway {
         g
     }
 
+    /// [`TestGateway::start_with_gateway`] on an existing data dir (restart tests that change
+    /// a `[gateway]` key between runs).
+    pub async fn start_in_with_gateway(dir: &Path, gateway_toml: &str) -> TestGateway {
+        sandgate::telemetry::init_tracing("warn", false);
+        let toml = format!(
+            "[gateway]\nbase_domain = \"{BASE}\"\nshutdown_grace_secs = 2\n{gateway_toml}\n[store]\ndata_dir = \"data\"\n"
+        );
+        Self::start_from_toml(dir, &toml).await
+    }
+
     /// Waits until the gateway holds no client connection (the harness's own API calls close
     /// theirs asynchronously); panics after 5 s.
     pub async fn wait_idle(&self) {
