@@ -34,9 +34,15 @@ async fn call(c: &ApiClient, method: Method, path: &str, body: Option<Value>) ->
     r.json().expect("json")
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+fn median(v: Vec<Duration>) -> Duration {
+    percentile(v, 50)
+}
+
+/// The `p`th percentile (nearest rank).
+fn percentile(mut v: Vec<Duration>, p: usize) -> Duration {
     v.sort();
-    v[v.len() / 2]
+    let rank = (v.len() * p).div_ceil(100).max(1);
+    v[rank - 1]
 }
 
 #[tokio::main]
@@ -78,8 +84,9 @@ async fn main() {
         last = id;
     }
     println!(
-        "create-to-running: median {:.1} ms, min {:.1} ms, max {:.1} ms (n={runs}, 5 ms poll)",
+        "create-to-running: median {:.1} ms, p99 {:.1} ms, min {:.1} ms, max {:.1} ms (n={runs}, 5 ms poll)",
         median(startup.clone()).as_secs_f64() * 1e3,
+        percentile(startup.clone(), 99).as_secs_f64() * 1e3,
         startup.iter().min().expect("runs").as_secs_f64() * 1e3,
         startup.iter().max().expect("runs").as_secs_f64() * 1e3,
     );
@@ -99,8 +106,9 @@ async fn main() {
         execs.push(t.elapsed());
     }
     println!(
-        "exec round trip (`true`): median {:.1} ms, min {:.1} ms, max {:.1} ms (n={runs})",
+        "exec round trip (`true`): median {:.1} ms, p99 {:.1} ms, min {:.1} ms, max {:.1} ms (n={runs})",
         median(execs.clone()).as_secs_f64() * 1e3,
+        percentile(execs.clone(), 99).as_secs_f64() * 1e3,
         execs.iter().min().expect("runs").as_secs_f64() * 1e3,
         execs.iter().max().expect("runs").as_secs_f64() * 1e3,
     );

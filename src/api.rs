@@ -50,6 +50,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/sandboxes/{id}/connect-tokens", post(create_token))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/logs", get(logs))
+        .route("/v1/sandboxes/{id}/stats", get(stats))
         .route("/v1/connect-tokens", get(list_tokens))
         .route("/v1/connect-tokens/{jti}", delete(revoke_token))
         .route("/v1/audit", get(audit))
@@ -1008,6 +1009,39 @@ async fn exec(
 struct LogsQuery {
     #[serde(default)]
     follow: bool,
+}
+
+/// What a running isolated sandbox uses now, from its cgroup.
+#[derive(Serialize)]
+struct StatsView {
+    memory_bytes: u64,
+    cpu_seconds: f64,
+    tasks: u64,
+}
+
+async fn stats(
+    State(gw): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
+    caller.require(Scope::SandboxesRead)?;
+    let s = owned_sandbox(&gw, &caller, &id).await?;
+    let stats = gw
+        .driver
+        .as_ref()
+        .filter(|_| s.command.is_some())
+        .and_then(|d| d.stats(&s.id))
+        .ok_or_else(|| {
+            HttpError::conflict(
+                "stats are kept for running isolated command sandboxes on this node only",
+            )
+        })?;
+    Ok(Json(StatsView {
+        memory_bytes: stats.memory_bytes,
+        cpu_seconds: stats.cpu_usec as f64 / 1e6,
+        tasks: stats.tasks,
+    })
+    .into_response())
 }
 
 async fn logs(

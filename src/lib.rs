@@ -14,7 +14,11 @@
 //!   PostgreSQL one for cluster mode (keys sealed under a KEK, a LISTEN/NOTIFY change feed).
 //! - [`cluster`]: applies other nodes' changes to this node's memory; heartbeats, lost nodes.
 //! - [`front`]: per-thread, epoch-guarded front caches for the tables every request reads.
-//! - [`sandbox`]: the sandbox model and the in-memory route table the data plane reads.
+//! - [`sandbox`]: the sandbox model and the in-memory route table the data plane reads;
+//!   `sandbox::process` runs `command` sandboxes, isolated by `sandbox::isolate` with its
+//!   parts: `launch` (the re-executed launcher, PID 1 and exec), `spec`, `mount` (the root
+//!   filesystem), `netns` (sockets inside a sandbox's network namespace), `cgroup` (limits and
+//!   total ends, v1 and v2), `egress` (the in-namespace egress proxy).
 //! - [`gateway`]: opens everything from a config (store, keys, certs, admin key) into shared state.
 //! - [`server`]: listeners, one single-threaded runtime per core, TLS accept, HTTP/1.1 + HTTP/2
 //!   serving, graceful shutdown.

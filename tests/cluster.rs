@@ -108,7 +108,7 @@ impl Node {
              [telemetry]\nlisten = \"127.0.0.1:{telemetry}\"\nlog_level = \"info\"\n\
              [store]\ndata_dir = \"data\"\nurl = \"{url}\"\n\
              [cluster]\nnode_name = \"{name}\"\nadvertise_addr = \"127.0.0.1\"\nheartbeat_secs = 1\n\
-             [orchestrator]\nenabled = {orchestrator}\n",
+             [orchestrator]\nenabled = {orchestrator}\nisolation = \"none\"\n",
             url = db.url(via),
         );
         std::fs::write(dir.path().join("sandgate.toml"), config).unwrap();
@@ -172,11 +172,24 @@ impl Node {
     }
 
     /// A request to `port` of sandbox `id` through this node, with the token in a header.
+    ///
+    /// A revocation closes the connections opened with the token, so a request in flight when
+    /// it lands may see its connection cut: that one is asked again on a new connection, as a
+    /// client would, and the answer then tells what the node decided.
     async fn get(&self, id: &str, port: u16, token: &str) -> StatusCode {
-        self.tls
-            .get(&sandbox_host(port, id), "/", &[("x-sandgate-token", token)])
-            .await
-            .status()
+        let request = || {
+            http::Request::builder()
+                .method(http::Method::GET)
+                .uri("/")
+                .header("host", sandbox_host(port, id))
+                .header("x-sandgate-token", token)
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap()
+        };
+        match self.tls.send(request()).await {
+            Ok(r) => r.status(),
+            Err(_) => self.tls.send(request()).await.expect("request").status(),
+        }
     }
 
     async fn kill(mut self) {

@@ -302,6 +302,17 @@ async fn processes_hostname_and_user_are_the_sandboxs_own() {
     let id_out = sh(&gw, &id, "id -u; grep Cap /proc/self/status").await;
     assert!(id_out.starts_with(&uid.to_string()), "{id_out}");
     assert!(id_out.contains("CapEff:\t0000000000000000"), "{id_out}");
+    // What it uses, from its cgroup.
+    let (status, stats) = gw
+        .api(Method::GET, &format!("/v1/sandboxes/{id}/stats"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    assert!(
+        stats["memory_bytes"].as_u64().unwrap() > 1024 * 1024,
+        "{stats}"
+    );
+    assert!(stats["tasks"].as_u64().unwrap() >= 2, "{stats}");
+    assert!(stats["cpu_seconds"].as_f64().unwrap() > 0.0, "{stats}");
     gw.stop().await;
 }
 
@@ -560,4 +571,105 @@ async fn bad_limits_ports_and_commands_are_refused_or_fail_clearly() {
         "{detail}"
     );
     gw.stop().await;
+}
+
+/// Fetches each URL from inside the sandbox through its environment's proxy settings (urllib
+/// honours `http_proxy`), printing the status or the error per line.
+const FETCH: &str = r#"
+import sys, urllib.request, urllib.error
+for url in sys.argv[1:]:
+    try:
+        print(url, urllib.request.urlopen(url, timeout=5).status)
+    except urllib.error.HTTPError as e:
+        print(url, e.code, e.read().decode(errors="replace").strip())
+    except Exception as e:
+        print(url, "error", type(e).__name__)
+"#;
+
+#[tokio::test]
+async fn egress_reaches_only_allowed_names_through_the_proxy() {
+    if !can_isolate() {
+        return;
+    }
+    // A service on the host's loopback, given to sandboxes as `mirror.test` by the operator.
+    let mirror = Echo::start().await;
+    let gw = TestGateway::start_with(&format!(
+        "[orchestrator.egress_hosts]\n\"mirror.test\" = \"{}\"\n",
+        mirror.addr
+    ))
+    .await;
+    let start = |allow: Option<Vec<&str>>| {
+        let mut body =
+            json!({"command": ["sh", "-c", "exec python3 -m http.server 8000"], "ports": [8000]});
+        if let Some(allow) = allow {
+            body["egress"] = json!({"allow": allow});
+        }
+        body
+    };
+    let allowed = create(&gw, start(Some(vec!["mirror.test"]))).await;
+    let other = create(&gw, start(Some(vec!["other.test"]))).await;
+    let none = create(&gw, start(None)).await;
+    for id in [&allowed, &other, &none] {
+        wait_for_status(&gw, id, &["running"], Duration::from_secs(20)).await;
+    }
+    let by_ip = format!("http://{}/by-ip", mirror.addr);
+    let fetch_all = |id: String| {
+        let by_ip = by_ip.clone();
+        let gw = &gw;
+        async move {
+            let v = exec(
+                gw,
+                &id,
+                &["python3", "-c", FETCH, "http://mirror.test/hello", &by_ip],
+            )
+            .await;
+            v["stdout"].as_str().unwrap().to_string()
+        }
+    };
+    // Allowed: 200 through the proxy, from the mapped service. By IP: refused by the proxy.
+    let out = fetch_all(allowed.clone()).await;
+    assert!(out.contains("http://mirror.test/hello 200"), "{out}");
+    assert!(out.contains(&format!("{by_ip} 403")), "{out}");
+    assert_eq!(mirror.count(), 1, "the mirror saw: {:?}", mirror.requests());
+    // A direct connection, past the proxy, goes nowhere.
+    let port = mirror.addr.port().to_string();
+    let v = exec(
+        &gw,
+        &allowed,
+        &["python3", "-c", PROBE, &format!("127.0.0.1={port}")],
+    )
+    .await;
+    assert!(v["stdout"].as_str().unwrap().contains("blocked"), "{v}");
+    // Allowed only another name: refused, saying why.
+    let out = fetch_all(other).await;
+    assert!(out.contains("http://mirror.test/hello 403"), "{out}");
+    assert!(out.contains("egress.allow"), "{out}");
+    // No egress: no proxy variables and no route anywhere.
+    let env = sh(
+        &gw,
+        &none,
+        "env | grep -i _proxy || echo no-proxy-variables",
+    )
+    .await;
+    assert_eq!(env.trim(), "no-proxy-variables");
+    let out = fetch_all(none).await;
+    assert!(!out.contains(" 200"), "{out}");
+    assert_eq!(mirror.count(), 1, "the mirror saw: {:?}", mirror.requests());
+    let metrics = telemetry_metrics(&gw).await;
+    assert!(
+        metrics.contains("sandgate_egress_decisions_total{decision=\"allowed\"} 1"),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
+
+async fn telemetry_metrics(gw: &TestGateway) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.telemetry).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 /// Config for a gateway whose sandboxes take host ports from `range` only, so tests running in
 /// parallel never compete for a port.
 fn ports(range: &str) -> String {
-    format!("[orchestrator]\nport_range = \"{range}\"\ngrace_secs = 2\n")
+    format!("[orchestrator]\nisolation = \"none\"\nport_range = \"{range}\"\ngrace_secs = 2\n")
 }
 
 const HTTP_SERVER: &str = "exec python3 -m http.server $PORT --bind 127.0.0.1";
@@ -748,7 +748,7 @@ async fn after_a_kill_9_a_restart_keeps_the_state_and_ends_the_orphans() {
             "[gateway]\nlisten = \"127.0.0.1:{listen}\"\nbase_domain = \"{BASE}\"\nshutdown_grace_secs = 2\n\
              [telemetry]\nlisten = \"127.0.0.1:{telemetry}\"\n\
              [store]\ndata_dir = \"data\"\n\
-             [orchestrator]\nport_range = \"31400-31449\"\ngrace_secs = 2\n"
+             [orchestrator]\nisolation = \"none\"\nport_range = \"31400-31449\"\ngrace_secs = 2\n"
         ),
     )
     .unwrap();
@@ -1068,4 +1068,91 @@ async fn a_command_that_never_listens_fails_at_the_start_deadline_naming_its_por
         .pgid;
     wait_processes_gone(&id, pgid, Duration::from_secs(5)).await;
     gw.stop().await;
+}
+
+#[tokio::test]
+async fn after_a_kill_9_a_restart_ends_every_isolated_sandbox_and_its_cgroup() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: isolation needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (listen, telemetry) = (free_port(), free_port());
+    let config = dir.join("sandgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{listen}\"\nbase_domain = \"{BASE}\"\nshutdown_grace_secs = 2\n\
+             [telemetry]\nlisten = \"127.0.0.1:{telemetry}\"\n\
+             [store]\ndata_dir = \"data\"\n\
+             [orchestrator]\nisolation = \"namespaces\"\ngrace_secs = 2\n"
+        ),
+    )
+    .unwrap();
+    let mut reaper = Reaper(Vec::new());
+    let mut server = Server::start(dir, &config).await;
+    let (status, v) = server
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["sh", "-c", "setsid -f sleep 4141; exec python3 -m http.server 8000"], "ports": [8000]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["isolation"], "namespaces", "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    reaper.watch(&id);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sandbox_pids(&id).len() < 2 {
+        assert!(Instant::now() < deadline, "the sandbox did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pids = sandbox_pids(&id);
+    let cgroups = || -> Vec<String> {
+        let mut found = Vec::new();
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let out = std::process::Command::new("find")
+                .arg(hierarchy.path())
+                .args(["-type", "d", "-name", &id])
+                .output()
+                .unwrap();
+            found.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(str::to_string),
+            );
+        }
+        found
+    };
+    assert!(!cgroups().is_empty(), "no cgroup for the sandbox");
+
+    // SIGKILL: the gateway cannot clean up; the sandbox lives on in its cgroup.
+    server.child.kill().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        pids.iter().all(|p| process_alive(*p)),
+        "the sandbox died with the gateway"
+    );
+
+    let server = Server::start(dir, &config).await;
+    let (status, v) = server
+        .api(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["status"], "stopped", "{v}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| process_alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "processes outlived the restart: {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cgroups().is_empty(), "cgroups left: {:?}", cgroups());
+    drop(server);
 }

@@ -12,7 +12,13 @@ use common::*;
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
-const WORKER_SCOPES: [&str; 3] = ["sandboxes:write", "tokens:issue", "tokens:revoke"];
+/// A worker that registers `upstream` sandboxes (hence `upstreams:write`) and mints tokens.
+const WORKER_SCOPES: [&str; 4] = [
+    "sandboxes:write",
+    "upstreams:write",
+    "tokens:issue",
+    "tokens:revoke",
+];
 
 /// Mints a token as `key` and returns the whole answer (`token`, `url`, `jti`, `expires_at`).
 async fn mint_as(gw: &TestGateway, key: &str, sandbox: &str, body: Value) -> Value {

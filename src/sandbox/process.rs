@@ -310,7 +310,8 @@ impl Driver {
                 continue;
             }
             if let Some(pgid) = record.process.pgid {
-                if record.process.isolation.is_none() && group_belongs_to(pgid, &record.id) {
+                let plain = record.process.isolation.as_deref() != Some("namespaces");
+                if plain && group_belongs_to(pgid, &record.id) {
                     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
                     tracing::warn!(sandbox = %record.id, pgid, "killed a leftover sandbox process group from a previous run");
                 }
@@ -377,13 +378,7 @@ impl Driver {
         let jail = Arc::new(jail);
         record.process.uid = Some(jail.uid);
         let ports: BTreeMap<u16, u16> = record.ports.iter().map(|&p| (p, p)).collect();
-        let mut env = sandbox_env(
-            &record,
-            Path::new("/workspace"),
-            &record.env,
-            &self.cfg.pass_env,
-            &ports,
-        );
+        let env = isolated_env(&record, &record.env, &self.cfg.pass_env);
         if egress {
             let hosts: BTreeMap<String, String> = self
                 .cfg
@@ -402,10 +397,6 @@ impl Driver {
                 return Err(DriverError::Isolation(IsolationError::Launch(format!(
                     "cannot start the egress proxy: {e}"
                 ))));
-            }
-            let proxy = format!("http://127.0.0.1:{EGRESS_PORT}");
-            for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-                env.insert(name.into(), proxy.clone());
             }
         }
         self.logs_dir().map_err(DriverError::Dir)?;
@@ -805,14 +796,7 @@ impl Driver {
         let mut child = match (&self.isolation, jail) {
             (Isolation::Namespaces(_), Some(jail)) => {
                 // Inside the sandbox: its namespaces, cgroup, user, /workspace, environment.
-                let ports: BTreeMap<u16, u16> = record.ports.iter().map(|&p| (p, p)).collect();
-                let env = sandbox_env(
-                    record,
-                    Path::new("/workspace"),
-                    &env,
-                    &self.cfg.pass_env,
-                    &ports,
-                );
+                let env = isolated_env(record, &env, &self.cfg.pass_env);
                 let (mut cmd, spec) = jail.exec_command(&req.command, env, self.rlimits(record))?;
                 cmd.stdin(Stdio::piped())
                     .stdout(Stdio::piped())
@@ -1136,6 +1120,25 @@ pub fn sandbox_env(
         out.insert(format!("PORT_{published}"), listen.to_string());
     }
     out.insert("SANDGATE_SANDBOX_ID".into(), record.id.clone());
+    out
+}
+
+/// An isolated sandbox's environment (its command's and every exec's): [`sandbox_env`] with
+/// its published ports as they are, `HOME` in `/workspace`, and the egress proxy's variables
+/// when it has egress.
+fn isolated_env(
+    record: &SandboxRecord,
+    env: &BTreeMap<String, String>,
+    pass_env: &[String],
+) -> BTreeMap<String, String> {
+    let ports: BTreeMap<u16, u16> = record.ports.iter().map(|&p| (p, p)).collect();
+    let mut out = sandbox_env(record, Path::new("/workspace"), env, pass_env, &ports);
+    if !record.process.egress.is_empty() {
+        let proxy = format!("http://127.0.0.1:{EGRESS_PORT}");
+        for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            out.insert(name.into(), proxy.clone());
+        }
+    }
     out
 }
 
