@@ -414,6 +414,13 @@ impl Jail {
         self.cgroup(SandboxCgroup::stats)
     }
 
+    /// SIGKILL to every task now (blocking, no clean-up): see [`super::process::Driver::kill_all_now`].
+    pub fn kill_now(&self) {
+        self.cgroup(|c| {
+            let _ = c.kill();
+        });
+    }
+
     /// Sends `sig` to every task of the sandbox.
     pub fn signal_all(&self, sig: nix::sys::signal::Signal) {
         self.cgroup(|c| c.signal_all(sig));

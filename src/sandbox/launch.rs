@@ -16,9 +16,9 @@
 //!
 //! init then reaps every orphan until the command ends, and exits with its status; the
 //! kernel ends whatever is left in the namespace. launch passes init's "ready"/"error" line
-//! back to the gateway and waits. Both block SIGTERM, SIGINT and SIGHUP (the gateway signals
-//! a whole cgroup; these two must outlive the command's grace period); the command starts
-//! with a clean signal mask (the standard library resets it).
+//! back to the gateway and waits. Both block SIGTERM, SIGINT, SIGHUP and SIGQUIT (the gateway
+//! signals a whole cgroup; these two must outlive the command's grace period); the command is
+//! started with them unblocked (a blocked mask would be inherited across exec).
 //!
 //! **exec** joins a running sandbox the same way (cgroup, then its namespaces by the
 //! descriptors the gateway holds) and runs one command as its user; whatever follows the spec
@@ -69,7 +69,7 @@ const LAUNCH_FAILED: u8 = 125;
 /// A command that could not be started, as shells report it.
 const NOT_RUNNABLE: u8 = 127;
 
-fn block_termination_signals() {
+fn termination_signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in [
         Signal::SIGTERM,
@@ -79,7 +79,23 @@ fn block_termination_signals() {
     ] {
         set.add(s);
     }
+    set
+}
+
+fn block_termination_signals() {
+    let _ =
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&termination_signals()), None);
+}
+
+/// Starts `cmd` with those signals unblocked, so the command gets the usual dispositions (a
+/// blocked mask is inherited across exec). Should one arrive in that short window, this
+/// process ends and the sandbox with it: it was being ended anyway.
+fn spawn_unblocked(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let set = termination_signals();
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
+    let child = cmd.spawn();
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
+    child
 }
 
 fn join_cgroup(procs: &[std::path::PathBuf]) -> Result<(), String> {
@@ -261,7 +277,7 @@ fn run_init() -> ExitCode {
     };
     drop(spec);
     cmd.stdin(Stdio::null());
-    let child = match cmd.spawn() {
+    let child = match spawn_unblocked(&mut cmd) {
         Ok(c) => c,
         Err(e) => {
             // Said on the sandbox's output (its log) and reported as a failed start.

@@ -584,6 +584,16 @@ impl Driver {
         true
     }
 
+    /// Kills every running isolated sandbox at once, without waiting or updating the store:
+    /// for an embedding process that goes away without a shutdown (a test that failed).
+    pub fn kill_all_now(&self) {
+        for entry in self.running.iter() {
+            if let Some(jail) = &entry.jail {
+                jail.kill_now();
+            }
+        }
+    }
+
     /// Ends every running sandbox (gateway shutdown).
     pub async fn shutdown(&self) {
         let ids: Vec<String> = self.running.iter().map(|r| r.key().clone()).collect();

@@ -211,6 +211,11 @@ impl Drop for TestGateway {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+            // Dropped without `stop` (a failed test): its isolated sandboxes must not outlive
+            // it on the machine.
+            if let Some(driver) = &self.gw.driver {
+                driver.kill_all_now();
+            }
         }
     }
 }
