@@ -313,8 +313,11 @@ fn reap_until(main: u32) -> ExitCode {
 
 fn run_exec() -> ExitCode {
     block_termination_signals();
-    let mut stdin = std::io::stdin();
-    let spec: ExecSpec = match read_line(&mut stdin) {
+    // Unbuffered (`Stdin` would read ahead): what follows the spec line is the command's.
+    let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else {
+        return ExitCode::from(LAUNCH_FAILED);
+    };
+    let spec: ExecSpec = match read_line(std::fs::File::from(fd)) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("sandgate: cannot read the exec spec: {e}");
@@ -367,7 +370,6 @@ fn run_exec() -> ExitCode {
             return ExitCode::from(NOT_RUNNABLE);
         }
     };
-    drop(stdin);
     match child.wait() {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt;
