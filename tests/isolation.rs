@@ -415,15 +415,14 @@ async fn a_fork_loop_stops_at_max_processes_and_the_gateway_stays_healthy() {
     gw.stop().await;
 }
 
-/// CPU seconds per wall second a one-thread busy loop gets in `seconds`.
+/// A one-thread busy loop of 2 s that prints the CPU seconds it got per wall second.
+const BUSY: &str = "import time\nw = time.time(); c = time.process_time()\nwhile time.time() - w < 2: pass\nprint((time.process_time() - c) / (time.time() - w))";
+
+/// CPU seconds per wall second [`BUSY`] gets inside the sandbox.
 async fn busy_share(gw: &TestGateway, id: &str) -> f64 {
-    let out = sh(
-        gw,
-        id,
-        "python3 -c \"import time, os\nw = time.time(); c = time.process_time()\nwhile time.time() - w < 2: pass\nprint((time.process_time() - c) / (time.time() - w))\"",
-    )
-    .await;
-    out.trim().parse().unwrap_or_else(|_| panic!("{out}"))
+    let v = exec(gw, id, &["python3", "-c", BUSY]).await;
+    let out = v["stdout"].as_str().unwrap();
+    out.trim().parse().unwrap_or_else(|_| panic!("{v}"))
 }
 
 #[tokio::test]
@@ -449,11 +448,21 @@ async fn a_cpu_limit_holds_a_busy_loop_and_a_larger_one_does_not_throttle() {
         share <= 0.6,
         "at cpus 0.5 a busy loop got {share:.2} CPU-s/s"
     );
+    // Unthrottled means: as much as the same loop gets on the host at the same moment (the
+    // machine may be busy with other work; both then get less alike).
+    let host = std::process::Command::new("python3")
+        .args(["-c", BUSY])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let share = busy_share(&gw, &two).await;
-    // One thread on a shared 2-core machine: well past the 0.5 limit means unthrottled.
+    let host_share: f64 = String::from_utf8_lossy(&host.wait_with_output().unwrap().stdout)
+        .trim()
+        .parse()
+        .unwrap();
     assert!(
-        share >= 0.7,
-        "at cpus 2 a busy loop got only {share:.2} CPU-s/s"
+        share >= 0.75 * host_share,
+        "at cpus 2 a busy loop got {share:.2} CPU-s/s, the same loop on the host {host_share:.2}"
     );
     gw.stop().await;
 }
