@@ -423,11 +423,7 @@ impl Driver {
         };
         record.process.pgid = child.id().and_then(|p| i32::try_from(p).ok());
         record.status = SandboxStatus::Starting;
-        record.detail = Some(format!(
-            "waiting for {} to accept connections (up to {} s, [orchestrator] start_timeout_secs)",
-            awaited_ports(&record, &ports),
-            self.cfg.start_timeout.as_secs()
-        ));
+        record.detail = Some(self.waiting_detail(&record, &ports));
         if let Err(e) = self.store.insert_sandbox(&record).await {
             jail.release().await;
             self.routes.detach_netns(&record.id);
@@ -436,16 +432,7 @@ impl Driver {
         }
         self.routes.upsert(&record);
         tracing::info!(sandbox = %record.id, uid = jail.uid, awaiting = %awaited_ports(&record, &ports), "isolated sandbox starting");
-        let pumps = [
-            child
-                .stdout
-                .take()
-                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
-            child
-                .stderr
-                .take()
-                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
-        ];
+        let pumps = pump_output(&mut child, &log);
         self.run_supervisor(&record, child, Some(jail), Vec::new(), ports, pumps);
         Ok(record)
     }
@@ -482,11 +469,7 @@ impl Driver {
         record.process.pgid = pgid;
         record.status = SandboxStatus::Starting;
         let ports = record.host_ports.clone();
-        record.detail = Some(format!(
-            "waiting for {} to accept connections (up to {} s, [orchestrator] start_timeout_secs)",
-            awaited_ports(&record, &ports),
-            self.cfg.start_timeout.as_secs()
-        ));
+        record.detail = Some(self.waiting_detail(&record, &ports));
         tracing::info!(sandbox = %record.id, awaiting = %awaited_ports(&record, &ports), "sandbox starting");
         if let Err(e) = self.store.insert_sandbox(&record).await {
             if let Some(pgid) = pgid {
@@ -498,18 +481,18 @@ impl Driver {
         }
         self.routes.upsert(&record);
         let log = LogSink::open(&self.log_path(&record.id), self.cfg.log_max_bytes).await;
-        let pumps = [
-            child
-                .stdout
-                .take()
-                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
-            child
-                .stderr
-                .take()
-                .map(|s| tokio::spawn(pump(s, Arc::clone(&log)))),
-        ];
+        let pumps = pump_output(&mut child, &log);
         self.run_supervisor(&record, child, None, host_ports, ports, pumps);
         Ok(record)
+    }
+
+    /// What a `starting` sandbox's `detail` says it waits for.
+    fn waiting_detail(&self, record: &SandboxRecord, ports: &BTreeMap<u16, u16>) -> String {
+        format!(
+            "waiting for {} to accept connections (up to {} s, [orchestrator] start_timeout_secs)",
+            awaited_ports(record, ports),
+            self.cfg.start_timeout.as_secs()
+        )
     }
 
     /// Registers the running sandbox and spawns its supervisor.
@@ -837,8 +820,15 @@ impl Driver {
         // this future is dropped mid-wait.
         let _group = pgid.map(|pgid| ExecGroup::register(self, &record.id, pgid));
         let cap = self.cfg.exec_output_max_bytes;
-        let out = child.stdout.take().map(|s| tokio::spawn(capture(s, cap)));
-        let err = child.stderr.take().map(|s| tokio::spawn(capture(s, cap)));
+        let stop_capture = CancellationToken::new();
+        let out = child
+            .stdout
+            .take()
+            .map(|s| tokio::spawn(capture(s, cap, stop_capture.clone())));
+        let err = child
+            .stderr
+            .take()
+            .map(|s| tokio::spawn(capture(s, cap, stop_capture.clone())));
         let (status, timed_out) = match tokio::time::timeout(req.timeout, child.wait()).await {
             Ok(status) => (status.ok(), false),
             Err(_) => {
@@ -852,18 +842,24 @@ impl Driver {
         if let Some(pgid) = pgid {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
+        // A process that left the group (setsid) may hold the pipes open for ever: wait a
+        // little for the end of output, then keep what came.
+        let stopper = {
+            let stop = stop_capture.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                stop.cancel();
+            })
+        };
         let collect = |h: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>| async move {
             match h {
-                Some(h) => tokio::time::timeout(Duration::from_secs(2), h)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default(),
+                Some(h) => h.await.unwrap_or_default(),
                 None => (Vec::new(), false),
             }
         };
         let (stdout, stdout_truncated) = collect(out).await;
         let (stderr, stderr_truncated) = collect(err).await;
+        stopper.abort();
         use std::os::unix::process::ExitStatusExt;
         Ok(ExecOutput {
             exit_code: status.and_then(|s| s.code()),
@@ -1212,6 +1208,23 @@ impl LogSink {
     }
 }
 
+/// Copies the child's stdout and stderr into the sandbox's log, each on a task of its own.
+fn pump_output(
+    child: &mut Child,
+    log: &Arc<tokio::sync::Mutex<LogSink>>,
+) -> [Option<tokio::task::JoinHandle<()>>; 2] {
+    [
+        child
+            .stdout
+            .take()
+            .map(|s| tokio::spawn(pump(s, Arc::clone(log)))),
+        child
+            .stderr
+            .take()
+            .map(|s| tokio::spawn(pump(s, Arc::clone(log)))),
+    ]
+}
+
 async fn pump(mut src: impl AsyncRead + Unpin, sink: Arc<tokio::sync::Mutex<LogSink>>) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -1225,13 +1238,22 @@ async fn pump(mut src: impl AsyncRead + Unpin, sink: Arc<tokio::sync::Mutex<LogS
     }
 }
 
-/// Reads a stream to its end, keeping at most `cap` bytes; returns them and whether more came.
-async fn capture(mut src: impl AsyncRead + Unpin, cap: usize) -> (Vec<u8>, bool) {
+/// Reads a stream to its end (or until `stop`), keeping at most `cap` bytes; returns them and
+/// whether more came.
+async fn capture(
+    mut src: impl AsyncRead + Unpin,
+    cap: usize,
+    stop: CancellationToken,
+) -> (Vec<u8>, bool) {
     let mut kept = Vec::new();
     let mut truncated = false;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        match src.read(&mut buf).await {
+        let read = tokio::select! {
+            r = src.read(&mut buf) => r,
+            _ = stop.cancelled() => break,
+        };
+        match read {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 let room = cap.saturating_sub(kept.len());
