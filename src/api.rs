@@ -1016,6 +1016,8 @@ struct LogsQuery {
 struct StatsView {
     memory_bytes: u64,
     cpu_seconds: f64,
+    /// How long its `cpus` limit held it back so far.
+    cpu_throttled_seconds: f64,
     tasks: u64,
 }
 
@@ -1039,6 +1041,7 @@ async fn stats(
     Ok(Json(StatsView {
         memory_bytes: stats.memory_bytes,
         cpu_seconds: stats.cpu_usec as f64 / 1e6,
+        cpu_throttled_seconds: stats.cpu_throttled_usec as f64 / 1e6,
         tasks: stats.tasks,
     })
     .into_response())
@@ -1440,6 +1443,8 @@ async fn audit(
 struct NodeView {
     name: String,
     advertise_addr: String,
+    /// Where other nodes reach its cluster relay; `null` outside cluster mode.
+    relay_addr: Option<String>,
     last_heartbeat: String,
     status: &'static str,
     runs_sandboxes: bool,
@@ -1465,6 +1470,7 @@ async fn list_nodes(
             started_at: rfc3339(n.started_at),
             name: n.name,
             advertise_addr: n.advertise_addr,
+            relay_addr: n.relay_addr,
             runs_sandboxes: n.runs_sandboxes,
             version: n.version,
         })

@@ -55,6 +55,7 @@ pub fn this_node(gw: &Gateway) -> NodeRecord {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_at: gw.started_at,
         last_heartbeat: unix_now(),
+        relay_addr: gw.relay.advertised(),
     }
 }
 
@@ -70,7 +71,9 @@ async fn find_lost_nodes(gw: &Gateway) -> Result<(), StoreError> {
     let now = unix_now();
     let lost_after = i64::try_from(gw.config.cluster.lost_after().as_secs()).unwrap_or(i64::MAX);
     let cutoff = now.saturating_sub(lost_after);
-    for node in gw.store.nodes().await? {
+    let nodes = gw.store.nodes().await?;
+    gw.relay.learn(&nodes);
+    for node in nodes {
         if node.name == gw.config.cluster.node_name || node.last_heartbeat >= cutoff {
             continue;
         }
@@ -134,6 +137,7 @@ pub async fn apply(gw: &Gateway, change: &Change) -> Result<(), StoreError> {
                 gw.routes.upsert(&record);
                 if !record.status.is_live() {
                     gw.tracker.close_sandbox(id);
+                    end_if_running_here(gw, id);
                 }
             }
             None => {
@@ -142,7 +146,8 @@ pub async fn apply(gw: &Gateway, change: &Change) -> Result<(), StoreError> {
             }
         },
         // Credentials are read from the store on every API call: nothing is cached to drop.
-        Change::CredentialRevoked { .. } | Change::NodeChanged { .. } => {}
+        Change::CredentialRevoked { .. } => {}
+        Change::NodeChanged { .. } => gw.relay.learn(&gw.store.nodes().await?),
         Change::SigningKeyAdded { .. } => {
             gw.reload_keys()
                 .await
@@ -151,6 +156,19 @@ pub async fn apply(gw: &Gateway, change: &Change) -> Result<(), StoreError> {
         Change::Resync => resync(gw).await?,
     }
     Ok(())
+}
+
+/// A sandbox this node runs was ended through another node: end its processes here too. In
+/// the background, so the feed goes on while it gets its grace period.
+fn end_if_running_here(gw: &Gateway, id: &str) {
+    if let Some(driver) = &gw.driver {
+        if driver.is_running(id) {
+            let (driver, id) = (Arc::clone(driver), id.to_string());
+            tokio::spawn(async move {
+                driver.terminate(&id).await;
+            });
+        }
+    }
 }
 
 /// Reloads everything a missed change could have touched.
@@ -179,7 +197,11 @@ async fn resync(gw: &Gateway) -> Result<(), StoreError> {
         if was_live && !record.status.is_live() {
             gw.tracker.close_sandbox(&record.id);
         }
+        if !record.status.is_live() {
+            end_if_running_here(gw, &record.id);
+        }
     }
+    gw.relay.learn(&gw.store.nodes().await?);
     gw.reload_keys()
         .await
         .map_err(|e| StoreError::Unavailable(e.to_string().into()))?;

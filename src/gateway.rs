@@ -65,6 +65,9 @@ pub struct Gateway {
     /// Where `upstream` sandboxes may point the proxy: checked by the control API when one is
     /// registered, and by the proxy's connector at every connect.
     pub upstream_policy: Arc<UpstreamPolicy>,
+    /// The cluster relay: reaching isolated sandboxes on other nodes, and admitting other
+    /// nodes to this one's.
+    pub relay: Arc<crate::relay::Relay>,
     /// Audit events on their way to the store, committed in groups.
     audit_log: AuditLog,
     /// When this process opened the gateway (its node's `started_at`).
@@ -175,6 +178,25 @@ impl Gateway {
         for (jti, exp) in store.used_tokens(now).await? {
             tokens.mark_used(&jti, exp);
         }
+        // Cluster mode: the relay key comes from the key-encryption key the store just opened
+        // with, so it cannot fail here.
+        let relay_key = match &config.store.url {
+            Some(_) => {
+                crate::store::postgres::Kek::from_env_or_file(config.store.kek_file.as_deref())
+                    .ok()
+                    .flatten()
+                    .map(|kek| kek.derive(crate::relay::KEY_LABEL))
+            }
+            None => None,
+        };
+        let relay = Arc::new(crate::relay::Relay::new(
+            &config.cluster.node_name,
+            &config.cluster.advertise_addr,
+            relay_key,
+        ));
+        if relay.enabled() {
+            relay.learn(&store.nodes().await?);
+        }
         let routes = Arc::new(Routes::new());
         for record in store.sandboxes().await? {
             routes.upsert(&record);
@@ -247,6 +269,7 @@ impl Gateway {
             driver,
             api_limits: crate::api::RateLimits::new(&config.api),
             upstream_policy: Arc::new(UpstreamPolicy::from_config(&config)),
+            relay,
 
             config,
         }))

@@ -39,6 +39,7 @@ pub mod error;
 pub mod front;
 pub mod gateway;
 pub mod proxy;
+pub mod relay;
 pub mod sandbox;
 pub mod server;
 pub mod store;

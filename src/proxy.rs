@@ -162,8 +162,11 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     pub fn new(gw: Arc<Gateway>, api: axum::Router, hard_stop: CancellationToken) -> Proxy {
         let cfg = &gw.config.gateway;
-        let connector =
-            connector::Connector::new(Arc::clone(&gw.routes), cfg.upstream_connect_timeout);
+        let connector = connector::Connector::new(
+            Arc::clone(&gw.routes),
+            Arc::clone(&gw.relay),
+            cfg.upstream_connect_timeout,
+        );
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(std::time::Duration::from_secs(30))
@@ -561,7 +564,7 @@ impl Proxy {
                 .connect(target.authority.host(), port)
                 .await
             {
-                Ok(s) => s,
+                Ok(s) => connector::Upstream::Tcp(s),
                 Err(upstream::ConnectError::Refused { host, refused }) => {
                     return Err(policy_refusal(route, &host, &refused))
                 }

@@ -75,6 +75,9 @@ pub struct Route {
     /// An `upstream` sandbox: its address came from an API caller, so every connection to it
     /// is held to the upstream policy. Process sandboxes' addresses are the orchestrator's own.
     pub policed: bool,
+    /// The node that runs an isolated sandbox: another node reaches it through the cluster
+    /// relay ([`crate::relay`]).
+    pub node: Option<String>,
 }
 
 impl Route {
@@ -132,6 +135,7 @@ impl Route {
             rewrite_host: record.rewrite_host,
             upstream_deadline: record.expires_at.filter(|_| record.command.is_none()),
             policed: record.command.is_none(),
+            node: record.node.clone().filter(|_| isolated),
         })
     }
 

@@ -171,9 +171,13 @@ pub async fn run(
     // bound (a configured port 0 is only known now).
     if let (Ok(tls), Ok(telemetry)) = (listeners.gateway_addr(), listeners.telemetry.local_addr()) {
         gw.upstream_policy.set_listeners(tls, telemetry);
+        gw.relay.set_listen_port(tls.port());
     }
     let shared = Arc::new(Shared {
-        acceptor: TlsAcceptor::from(crate::tls::server_config(Arc::clone(&gw.certs))?),
+        acceptor: TlsAcceptor::from(crate::tls::server_config(
+            Arc::clone(&gw.certs),
+            gw.relay.enabled(),
+        )?),
         protocols: Protocols::new(&cfg),
         limits: Arc::new(Limits {
             total: Arc::new(Semaphore::new(cfg.max_connections)),
@@ -307,7 +311,9 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
                 }
             },
         };
-        let Some(slot) = shared.limits.admit(remote.ip()) else {
+        // Other cluster nodes relay many clients' connections: only the total cap holds them.
+        let node = gw.relay.is_node_ip(remote.ip());
+        let Some(slot) = shared.limits.admit(remote.ip(), node) else {
             gw.metrics.connections_refused.inc();
             drop(tcp);
             continue;
@@ -357,6 +363,9 @@ async fn serve_connection(
         }
     };
     gw.metrics.connections_total.inc();
+    if tls.get_ref().1.alpn_protocol() == Some(crate::relay::ALPN) {
+        return serve_relay(tls, remote, slot, &shared).await;
+    }
     let ctx = Arc::new(ConnContext::new(remote, gw.tracker.connection()));
     // The slot and the gauge are released when the connection is, which for a WebSocket is
     // when its tunnel ends, not when this task returns after the 101.
@@ -408,6 +417,53 @@ async fn serve_connection(
             builder.h1.serve_connection(io, service).with_upgrades(),
             std::future::pending::<()>()
         )
+    }
+}
+
+/// A relay connection from another node ([`crate::relay`]): into one of this node's isolated
+/// sandboxes, closed when the sandbox ends or the gateway stops.
+async fn serve_relay(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    remote: SocketAddr,
+    slot: Slot,
+    shared: &Arc<Shared>,
+) {
+    let gw = &shared.gw;
+    let conn = gw.tracker.connection();
+    conn.hold(slot);
+    conn.hold(OpenConnection::new(Arc::clone(&gw.metrics)));
+    let closed = conn.cancelled().clone();
+    let stop = shared.hard_stop.clone();
+    let routes = &gw.routes;
+    let connect = |id: String, port: u16| async move {
+        let live = routes
+            .get(&id)
+            .is_some_and(|r| r.live && r.port(port).is_some());
+        let netns = routes.netns(&id).filter(|_| live);
+        let Some(netns) = netns else {
+            return Err(format!(
+                "sandbox {id} is not running on this node with port {port}"
+            ));
+        };
+        netns
+            .connect(port)
+            .await
+            .map_err(|e| format!("cannot reach port {port} in sandbox {id}: {e}"))
+    };
+    let admit = |id: &str| {
+        gw.metrics.relay_connections.inc();
+        conn.admit("relay", id, usize::MAX);
+    };
+    let relayed = tokio::select! {
+        r = gw.relay.serve(tls, remote, gw.config.gateway.handshake_timeout, connect, admit, &closed) => r,
+        _ = stop.cancelled() => Ok(()),
+    };
+    match relayed {
+        Ok(()) => {}
+        Err(reason) => {
+            gw.metrics.relay_refused.inc();
+            tracing::debug!(%remote, %reason, "relay connection refused");
+        }
     }
 }
 
@@ -464,13 +520,23 @@ struct Limits {
 /// A held connection slot; released on drop.
 struct Slot {
     _permit: OwnedSemaphorePermit,
-    ip: IpAddr,
+    /// The client address counted against the per-IP cap (`None` for a cluster node's).
+    ip: Option<IpAddr>,
     limits: Arc<Limits>,
 }
 
 impl Limits {
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+    /// A slot for a connection from `ip`; `uncapped` (another cluster node) skips the
+    /// per-IP cap.
+    fn admit(self: &Arc<Self>, ip: IpAddr, uncapped: bool) -> Option<Slot> {
         let permit = Arc::clone(&self.total).try_acquire_owned().ok()?;
+        if uncapped {
+            return Some(Slot {
+                _permit: permit,
+                ip: None,
+                limits: Arc::clone(self),
+            });
+        }
         let mut count = self.per_ip.entry(ip).or_insert(0);
         if *count >= self.max_per_ip {
             return None;
@@ -479,7 +545,7 @@ impl Limits {
         drop(count);
         Some(Slot {
             _permit: permit,
-            ip,
+            ip: Some(ip),
             limits: Arc::clone(self),
         })
     }
@@ -487,7 +553,9 @@ impl Limits {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let ip = self.ip;
+        let Some(ip) = self.ip else {
+            return;
+        };
         if let Some(mut count) = self.limits.per_ip.get_mut(&ip) {
             *count = count.saturating_sub(1);
         }

@@ -282,6 +282,10 @@ pub struct NodeRecord {
     pub started_at: i64,
     /// When it last called [`Store::heartbeat`]; a node whose heartbeat is too old is lost.
     pub last_heartbeat: i64,
+    /// `host:port` where other nodes reach its cluster relay (its TLS listener at
+    /// `advertise_addr`), for the isolated sandboxes it runs; `None` from a node that predates
+    /// the relay.
+    pub relay_addr: Option<String>,
 }
 
 impl NodeRecord {
@@ -654,6 +658,7 @@ pub(crate) mod conformance {
             version: "0.1.0".to_owned(),
             started_at: 1_000,
             last_heartbeat,
+            relay_addr: Some("10.0.0.5:443".to_owned()),
         }
     }
 
@@ -1227,6 +1232,7 @@ pub(crate) mod conformance {
         let a = NodeRecord {
             runs_sandboxes: false,
             advertise_addr: "gw-a.internal".to_owned(),
+            relay_addr: None,
             ..node("node-a", 90)
         };
         store.heartbeat(&b).await.unwrap();
@@ -1239,6 +1245,7 @@ pub(crate) mod conformance {
             version: "0.2.0".to_owned(),
             started_at: 2_000,
             last_heartbeat: 2_005,
+            relay_addr: Some("10.0.0.9:8443".to_owned()),
             ..a
         };
         store.heartbeat(&a2).await.unwrap();

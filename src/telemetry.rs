@@ -109,6 +109,10 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     pub connections_refused: Counter,
     pub revoked_connections: Counter,
+    /// Cluster relay connections opened by another node, and hellos refused (no valid proof,
+    /// or a sandbox not running here).
+    pub relay_connections: Counter,
+    pub relay_refused: Counter,
     pub upgrades: Counter<u64, AtomicU64>,
     /// Sandbox egress proxy decisions (`sandbox::egress`): a connection or request let out,
     /// and one refused with a 403. Resolved once, so the proxy takes no family lock.
@@ -260,6 +264,18 @@ impl Metrics {
             "Connections closed because their token or sandbox was revoked",
             revoked_connections.clone(),
         );
+        let relay_connections = Counter::default();
+        registry.register(
+            "relay_connections",
+            "Cluster relay connections other nodes opened to this node's isolated sandboxes",
+            relay_connections.clone(),
+        );
+        let relay_refused = Counter::default();
+        registry.register(
+            "relay_refused",
+            "Cluster relay connections refused: no valid cluster proof, or no such sandbox here",
+            relay_refused.clone(),
+        );
         let upgrades = Counter::default();
         registry.register(
             "upgrades",
@@ -294,6 +310,8 @@ impl Metrics {
             tls_handshake_failures,
             connections_refused,
             revoked_connections,
+            relay_connections,
+            relay_refused,
             upgrades,
             egress_allowed,
             egress_denied,

@@ -457,13 +457,21 @@ impl fmt::Debug for CertResolver {
 /// - No 0-RTT early data (rustls's default, kept on purpose): early data can be replayed, and
 ///   requests carrying connect tokens must not be.
 /// - No client certificates: clients authenticate with tokens and API keys.
-pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfig>, TlsError> {
+/// - With `relay`, ALPN also offers `sandgate-relay/1` last, for other nodes of the cluster
+///   ([`crate::relay`]); clients never offer it, so nothing changes for them.
+pub fn server_config(
+    resolver: Arc<CertResolver>,
+    relay: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|source| TlsError::Config { source })?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    if relay {
+        config.alpn_protocols.push(crate::relay::ALPN.to_vec());
+    }
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
     config.ticketer = aws_lc::Ticketer::new().map_err(|source| TlsError::Config { source })?;
     config.max_early_data_size = 0;
@@ -1079,7 +1087,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let paths = dev_certs(tmp.path());
         let resolver = CertResolver::load(&paths.cert, &paths.key).unwrap();
-        let server = TestServer::start(server_config(resolver).unwrap()).await;
+        let server = TestServer::start(server_config(resolver, false).unwrap()).await;
 
         for host in [
             "8080-abc.sandbox.localhost",
@@ -1106,7 +1114,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let paths = dev_certs(tmp.path());
         let resolver = CertResolver::load(&paths.cert, &paths.key).unwrap();
-        let server = TestServer::start(server_config(resolver).unwrap()).await;
+        let server = TestServer::start(server_config(resolver, false).unwrap()).await;
 
         for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST)] {
             let client = client_config(Some(&paths.ca_cert)).unwrap();
@@ -1124,7 +1132,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let paths = dev_certs(tmp.path());
         let resolver = CertResolver::load(&paths.cert, &paths.key).unwrap();
-        let server = TestServer::start(server_config(resolver).unwrap()).await;
+        let server = TestServer::start(server_config(resolver, false).unwrap()).await;
 
         let client = client_config(Some(&paths.ca_cert)).unwrap();
         // A wildcard covers one label only.
@@ -1143,7 +1151,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let paths = dev_certs(tmp.path());
         let resolver = CertResolver::load(&paths.cert, &paths.key).unwrap();
-        let config = server_config(resolver).unwrap();
+        let config = server_config(resolver, false).unwrap();
 
         // By construction: every suite the server can pick is TLS 1.2 or 1.3, and rustls knows
         // no older version at all.
@@ -1222,7 +1230,7 @@ mod tests {
         fs::copy(&paths.key, &key_path).unwrap();
 
         let resolver = CertResolver::load(&cert_path, &key_path).unwrap();
-        let server = TestServer::start(server_config(resolver.clone()).unwrap()).await;
+        let server = TestServer::start(server_config(resolver.clone(), false).unwrap()).await;
         let client = || client_config(Some(&paths.ca_cert)).unwrap();
         let first = connect(server.addr, client(), dns(BASE)).await.unwrap();
         assert_eq!(first.leaf, first_cert(&paths.cert));

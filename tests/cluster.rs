@@ -93,12 +93,31 @@ struct Node {
     dir: tempfile::TempDir,
     child: tokio::process::Child,
     tls: TlsClient,
+    /// Its `[cluster] node_name`.
+    name: String,
+    /// Its gateway port on 127.0.0.1.
+    port: u16,
 }
 
 impl Node {
     /// `name` gets this test's tag appended (see [`Db::node`]), so that names, and the
     /// PostgreSQL sessions named after them, are unique even across concurrent test runs.
     async fn start(db: &Db, name: &str, via: Option<SocketAddr>, orchestrator: bool) -> Node {
+        Node::start_with(db, name, via, orchestrator, "none").await
+    }
+
+    /// A node whose command sandboxes are isolated (`isolation = "namespaces"`).
+    async fn start_isolated(db: &Db, name: &str) -> Node {
+        Node::start_with(db, name, None, true, "namespaces").await
+    }
+
+    async fn start_with(
+        db: &Db,
+        name: &str,
+        via: Option<SocketAddr>,
+        orchestrator: bool,
+        isolation: &str,
+    ) -> Node {
         let name = &db.node(name);
         let dir = tempfile::tempdir().unwrap();
         let (port, telemetry) = (free_port(), free_port());
@@ -108,7 +127,7 @@ impl Node {
              [telemetry]\nlisten = \"127.0.0.1:{telemetry}\"\nlog_level = \"info\"\n\
              [store]\ndata_dir = \"data\"\nurl = \"{url}\"\n\
              [cluster]\nnode_name = \"{name}\"\nadvertise_addr = \"127.0.0.1\"\nheartbeat_secs = 1\n\
-             [orchestrator]\nenabled = {orchestrator}\nisolation = \"none\"\n",
+             [orchestrator]\nenabled = {orchestrator}\nisolation = \"{isolation}\"\n",
             url = db.url(via),
         );
         std::fs::write(dir.path().join("sandgate.toml"), config).unwrap();
@@ -145,7 +164,13 @@ impl Node {
                 )
                 .await;
                 if ready.is_ok_and(|r| r.status() == StatusCode::OK) {
-                    return Node { tls, dir, child };
+                    return Node {
+                        tls,
+                        dir,
+                        child,
+                        name: name.clone(),
+                        port,
+                    };
                 }
             }
             assert!(
@@ -748,5 +773,278 @@ async fn a_node_without_the_kek_refuses_to_start_and_says_why() {
         err.contains("SANDGATE_KEK") && err.contains("kek_file"),
         "{err}"
     );
+    db.drop_schema().await;
+}
+
+/// Inside the sandbox: `/` answers with its hostname (the sandbox id), `/stream` never ends
+/// (a tick every 100 ms), like a log or an SSE feed.
+const STREAMING_SERVER: &str = r#"
+import http.server, socket, time
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path == "/stream":
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            while True:
+                data = b"data: tick\n\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                time.sleep(0.1)
+        body = ("hello from " + socket.gethostname()).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 8000), H).serve_forever()
+"#;
+
+/// Socket inodes of the TCP listeners in the test's (the host's) network namespace.
+fn host_listener_inodes() -> std::collections::HashSet<String> {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap().lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(3) == Some(&"0A") {
+                inodes.insert(fields[9].to_string());
+            }
+        }
+    }
+    inodes
+}
+
+/// Socket inodes open in the processes of sandbox `id`.
+fn sandbox_socket_inodes(id: &str) -> std::collections::HashSet<String> {
+    let mut inodes = std::collections::HashSet::new();
+    for pid in sandbox_pids(id) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    inodes
+}
+
+/// Reads a streaming response's body until it ends or fails; `Instant` of the end.
+fn read_until_closed(
+    body: hyper::body::Incoming,
+    ticks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<Instant> {
+    use http_body_util::BodyExt;
+    tokio::spawn(async move {
+        let mut body = body;
+        while let Some(Ok(_)) = body.frame().await {
+            ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        Instant::now()
+    })
+}
+
+/// A streaming GET through `node`; the body's reader and its tick count.
+async fn open_stream(
+    node: &Node,
+    id: &str,
+    token: &str,
+) -> (
+    tokio::task::JoinHandle<Instant>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let host = sandbox_host(8000, id);
+    let mut sender = node.tls.h1(&host).await;
+    let req = http::Request::builder()
+        .uri("/stream")
+        .header("host", &host)
+        .header("x-sandgate-token", token)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("stream response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reader = read_until_closed(resp.into_body(), std::sync::Arc::clone(&ticks));
+    within(Duration::from_secs(5), "the stream ticks", async || {
+        ticks.load(std::sync::atomic::Ordering::SeqCst) >= 3
+    })
+    .await;
+    (reader, ticks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_sandbox_on_b_is_served_through_a_over_the_relay() {
+    let db = Db::new().await;
+    // A is a gateway-only node; B runs isolated sandboxes.
+    let a = Node::start(&db, "relay-a", None, false).await;
+    let key = std::fs::read_to_string(a.admin_key_file())
+        .unwrap()
+        .trim()
+        .to_string();
+    let b = Node::start_isolated(&db, "relay-b").await;
+    let (status, v) = b
+        .api(
+            &key,
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["python3", "-c", STREAMING_SERVER], "ports": [8000]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["isolation"], "namespaces", "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    within(Duration::from_secs(20), "the sandbox runs", async || {
+        let (_, v) = b
+            .api(&key, Method::GET, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+        assert_ne!(v["status"], "failed", "{v}");
+        v["status"] == "running"
+    })
+    .await;
+
+    // Served through A (which cannot reach B's namespace itself), as through B.
+    let (token, jti) = mint(&b, &key, &id, 8000).await;
+    let host = sandbox_host(8000, &id);
+    within(Duration::from_secs(5), "A learns B's relay", async || {
+        a.get(&id, 8000, &token).await == StatusCode::OK
+    })
+    .await;
+    for node in [&a, &b] {
+        let resp = node
+            .tls
+            .get(&host, "/", &[("x-sandgate-token", &token)])
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            std::str::from_utf8(resp.body()).unwrap(),
+            format!("hello from {id}")
+        );
+    }
+
+    // The port exists only inside the sandbox's namespace: none of the sandbox's sockets is a
+    // listener on the host, and no host listener is on its port...
+    let inside = sandbox_socket_inodes(&id);
+    assert!(!inside.is_empty(), "the sandbox's server holds its socket");
+    let host_listeners = host_listener_inodes();
+    assert!(
+        inside.is_disjoint(&host_listeners),
+        "a socket of the sandbox listens on the host"
+    );
+    // ...while inside, it does listen (the control: these are the right sockets).
+    let pid = sandbox_pids(&id)[0];
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(":1F40 ") && l.contains(" 0A ")),
+        "listening on 8000 in its own namespace:\n{table}"
+    );
+
+    // A forged relay (the protocol, but a key not derived from this cluster's KEK) is refused;
+    // the same client with the cluster's key gets in.
+    let b_record = sandgate::store::NodeRecord {
+        name: b.name.clone(),
+        advertise_addr: "127.0.0.1".into(),
+        runs_sandboxes: true,
+        version: String::new(),
+        started_at: 0,
+        last_heartbeat: 0,
+        relay_addr: Some(format!("127.0.0.1:{}", b.port)),
+    };
+    let forger = sandgate::relay::Relay::new("intruder", "127.0.0.1", Some([7; 32]));
+    forger.learn(std::slice::from_ref(&b_record));
+    let err = forger
+        .dial(&b.name, &id, 8000, Duration::from_secs(5))
+        .await
+        .expect_err("a forged relay is refused");
+    assert!(
+        err.to_string().contains("not a node of this cluster"),
+        "{err}"
+    );
+    let cluster_key = sandgate::store::postgres::Kek::parse(&db.kek)
+        .unwrap()
+        .derive(sandgate::relay::KEY_LABEL);
+    let member = sandgate::relay::Relay::new("member", "127.0.0.1", Some(cluster_key));
+    member.learn(std::slice::from_ref(&b_record));
+    let mut stream = member
+        .dial(&b.name, &id, 8000, Duration::from_secs(5))
+        .await
+        .expect("the cluster's key opens the relay");
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.contains(&format!("hello from {id}")), "{answer}");
+    }
+    // A relay hello that is not one, and a stranger's TLS client speaking HTTP on the relay
+    // protocol, get nothing.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tls = b.tls.connect(BASE, &[sandgate::relay::ALPN]).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(sandgate::relay::ALPN));
+        let hello = json!({"v": 1, "from": "x", "to": b.name, "sandbox": id, "port": 8000, "proof": "00".repeat(32)});
+        tls.write_all(format!("{hello}\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let _ = tls.read_to_string(&mut answer).await;
+        assert_eq!(answer, "error not a node of this cluster\n");
+        let mut tls = b.tls.connect(BASE, &[sandgate::relay::ALPN]).await;
+        tls.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let _ = tls.read_to_string(&mut answer).await;
+        assert_eq!(answer, "error not a relay hello\n");
+    }
+
+    // Revoking the token closes a relayed stream through A within 1 s...
+    let (reader, _) = open_stream(&a, &id, &token).await;
+    let revoked = Instant::now();
+    let (status, _) = b
+        .api(
+            &key,
+            Method::DELETE,
+            &format!("/v1/connect-tokens/{jti}"),
+            None,
+        )
+        .await;
+    assert!(status.is_success(), "{status}");
+    let ended = tokio::time::timeout(Duration::from_secs(1), reader)
+        .await
+        .expect("the relayed stream is still open 1 s after the revocation")
+        .unwrap();
+    println!(
+        "relayed stream closed {:?} after the revocation",
+        ended - revoked
+    );
+    assert_eq!(a.get(&id, 8000, &token).await, StatusCode::UNAUTHORIZED);
+
+    // ...and deleting the sandbox closes another one.
+    let (token, _) = mint(&b, &key, &id, 8000).await;
+    let (reader, _) = open_stream(&a, &id, &token).await;
+    let (status, _) = a
+        .api(&key, Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert!(status.is_success(), "{status}");
+    tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .expect("the relayed stream outlives its sandbox")
+        .unwrap();
+    wait_processes_gone(&id, None, Duration::from_secs(10)).await;
+
+    a.kill().await;
+    b.kill().await;
     db.drop_schema().await;
 }

@@ -182,6 +182,9 @@ pub struct Stats {
     pub cpu_usec: u64,
     /// Its tasks now, threads included (`pids.current`).
     pub tasks: u64,
+    /// Time its tasks were held back by its `cpus` limit so far, in µs (v1 `cpu.stat`
+    /// `throttled_time`, v2 `cpu.stat` `throttled_usec`); 0 without a limit.
+    pub cpu_throttled_usec: u64,
 }
 
 /// Which cgroup version enforces the limits.
@@ -685,6 +688,10 @@ impl SandboxCgroup {
                 memory_bytes: number(&self.dirs.unified, "memory.current"),
                 cpu_usec: usage_usec(),
                 tasks: number(&self.dirs.unified, "pids.current"),
+                cpu_throttled_usec: self
+                    .file(&self.dirs.unified, "cpu.stat")
+                    .and_then(|f| keyed(&f, "throttled_usec"))
+                    .unwrap_or(0),
             },
             Version::V1 => Stats {
                 memory_bytes: number(&self.dirs.memory, "memory.usage_in_bytes"),
@@ -694,6 +701,11 @@ impl SandboxCgroup {
                     usage_usec()
                 },
                 tasks: number(&self.dirs.pids, "pids.current"),
+                cpu_throttled_usec: self
+                    .file(&self.dirs.cpu, "cpu.stat")
+                    .and_then(|f| keyed(&f, "throttled_time"))
+                    .unwrap_or(0)
+                    / 1000,
             },
         }
     }

@@ -135,6 +135,8 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX issued_tokens_by_sandbox ON issued_tokens (sandbox);
      CREATE INDEX issued_tokens_by_exp ON issued_tokens (exp);",
+    // 3: where other nodes reach a node's cluster relay; SQLite's migration 5.
+    "ALTER TABLE nodes ADD COLUMN relay_addr TEXT;",
 ];
 
 /// How long one store call may take, queueing for a connection included, before it fails as
@@ -232,6 +234,21 @@ impl fmt::Debug for Kek {
 }
 
 impl Kek {
+    /// A key for another purpose (`label` says which), derived with HKDF-SHA256, so that the
+    /// key-encryption key itself only ever seals signing keys. The cluster relay's key is one
+    /// ([`crate::relay::KEY_LABEL`]).
+    pub fn derive(&self, label: &[u8]) -> [u8; 32] {
+        use aws_lc_rs::hkdf::{Salt, HKDF_SHA256};
+        let mut out = [0u8; 32];
+        let info = [label];
+        Salt::new(HKDF_SHA256, b"sandgate")
+            .extract(&self.0)
+            .expand(&info, HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut out))
+            .expect("32 bytes is HKDF-SHA256's own output length");
+        out
+    }
+
     /// Wraps raw key bytes.
     pub fn from_bytes(bytes: [u8; 32]) -> Kek {
         Kek(bytes)
@@ -1026,7 +1043,7 @@ impl AuditArrays {
 }
 
 const NODE_COLUMNS: &str =
-    "name, advertise_addr, runs_sandboxes, version, started_at, last_heartbeat";
+    "name, advertise_addr, runs_sandboxes, version, started_at, last_heartbeat, relay_addr";
 
 fn node_row(r: &PgRow) -> Result<NodeRecord, StoreError> {
     let get = || -> Result<NodeRecord, sqlx::Error> {
@@ -1037,6 +1054,7 @@ fn node_row(r: &PgRow) -> Result<NodeRecord, StoreError> {
             version: r.try_get(3)?,
             started_at: r.try_get(4)?,
             last_heartbeat: r.try_get(5)?,
+            relay_addr: r.try_get(6)?,
         })
     };
     get().map_err(classify)
@@ -1569,6 +1587,7 @@ impl Store for PostgresStore {
             name: text(&node.name).into_owned(),
             advertise_addr: text(&node.advertise_addr).into_owned(),
             version: text(&node.version).into_owned(),
+            relay_addr: node.relay_addr.as_deref().map(|a| text(a).into_owned()),
             ..node.clone()
         };
         bounded(async {
@@ -1585,10 +1604,11 @@ impl Store for PostgresStore {
             .map(node_row)
             .transpose()?;
             sqlx::query(&format!(
-                "INSERT INTO nodes ({NODE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)
+                "INSERT INTO nodes ({NODE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (name) DO UPDATE SET advertise_addr = excluded.advertise_addr,
                     runs_sandboxes = excluded.runs_sandboxes, version = excluded.version,
-                    started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat"
+                    started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat,
+                            relay_addr = excluded.relay_addr"
             ))
             .bind(&node.name)
             .bind(&node.advertise_addr)
@@ -1596,6 +1616,7 @@ impl Store for PostgresStore {
             .bind(&node.version)
             .bind(node.started_at)
             .bind(node.last_heartbeat)
+            .bind(&node.relay_addr)
             .execute(&mut *tx)
             .await
             .map_err(classify)?;

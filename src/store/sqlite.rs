@@ -109,6 +109,8 @@ const MIGRATIONS: &[&str] = &[
      ) STRICT;
      CREATE INDEX issued_tokens_by_sandbox ON issued_tokens (sandbox);
      CREATE INDEX issued_tokens_by_exp ON issued_tokens (exp);",
+    // 5: where other nodes reach a node's cluster relay.
+    "ALTER TABLE nodes ADD COLUMN relay_addr TEXT;",
 ];
 
 /// How long a statement waits for a lock held by another connection (another `sandgate`
@@ -869,11 +871,12 @@ impl Store for SqliteStore {
                     .map_err(classify)?;
                 tx.execute(
                     &format!(
-                        "INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                        "INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                          ON CONFLICT (name) DO UPDATE SET advertise_addr = excluded.advertise_addr,
                             runs_sandboxes = excluded.runs_sandboxes, version = excluded.version,
                             started_at = excluded.started_at,
-                            last_heartbeat = excluded.last_heartbeat"
+                            last_heartbeat = excluded.last_heartbeat,
+                            relay_addr = excluded.relay_addr"
                     ),
                     params![
                         node.name,
@@ -882,6 +885,7 @@ impl Store for SqliteStore {
                         node.version,
                         node.started_at,
                         node.last_heartbeat,
+                        node.relay_addr,
                     ],
                 )
                 .map_err(classify)?;
@@ -972,7 +976,7 @@ impl Store for SqliteStore {
 }
 
 const NODE_COLUMNS: &str =
-    "name, advertise_addr, runs_sandboxes, version, started_at, last_heartbeat";
+    "name, advertise_addr, runs_sandboxes, version, started_at, last_heartbeat, relay_addr";
 
 fn read_node(r: &Row<'_>) -> rusqlite::Result<NodeRecord> {
     Ok(NodeRecord {
@@ -982,6 +986,7 @@ fn read_node(r: &Row<'_>) -> rusqlite::Result<NodeRecord> {
         version: r.get(3)?,
         started_at: r.get(4)?,
         last_heartbeat: r.get(5)?,
+        relay_addr: r.get(6)?,
     })
 }
 
