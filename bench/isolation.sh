@@ -18,7 +18,7 @@
 # 2. exec: M `sandgate sandbox exec <id> -- true`, each timed, then M `POST .../exec` on one
 #    keep-alive connection.
 # 3. h1 through one sandbox: nginx (the host's, seen read-only inside) serving a 1 KiB file,
-#    one worker; `wrk -t$THREADS -c$CONNS -d${DURATION}s --latency` with a connect token as
+#    one worker, $ROUNDS rounds alternating the modes (medians reported); `wrk -t$THREADS -c$CONNS -d${DURATION}s --latency` with a connect token as
 #    `Authorization: Bearer`, after a ${WARMUP} s warm-up; the response is checked first.
 # 4. memory: K idle sandboxes (`busybox httpd -f`: every sandbox must listen on a port), then K
 #    python http.server sandboxes: per sandbox, its cgroup's memory (isolated only: memory.current
@@ -31,7 +31,7 @@
 # at the end unless KEEP=1.
 #
 # Knobs (environment): N (50), M (100), K (20), DURATION (10), WARMUP (1), CONNS (64),
-#   THREADS (2), UID_RANGE (the isolated gateway's [orchestrator] uid_range; default the
+#   THREADS (2), ROUNDS (3), MODES ("none namespaces": the order), UID_RANGE (the isolated gateway's [orchestrator] uid_range; default the
 #   built-in one), STORM (0: when > 0, bench/isolation-storm.sh $STORM runs against the isolated
 #   gateway at the end and its lines join the report), SKIP_BUILD=1, SKIP_INSTALL=1, KEEP=1,
 #   SANDGATE_BIN, CARGO_TARGET_DIR.
@@ -43,10 +43,10 @@ repo=$(cd "$here/.." && pwd)
 cd "$repo"
 
 N=${N:-50} M=${M:-100} K=${K:-20} DURATION=${DURATION:-10} WARMUP=${WARMUP:-1}
-CONNS=${CONNS:-64} THREADS=${THREADS:-2} STORM=${STORM:-0} UID_RANGE=${UID_RANGE:-}
+CONNS=${CONNS:-64} THREADS=${THREADS:-2} ROUNDS=${ROUNDS:-3} STORM=${STORM:-0} UID_RANGE=${UID_RANGE:-}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
 bin=${SANDGATE_BIN:-$CARGO_TARGET_DIR/release/sandgate}
-MODES=(none namespaces)
+read -r -a MODES <<<"${MODES:-none namespaces}" # the order each step runs them in
 
 log() { printf '[isolation] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -289,38 +289,53 @@ step_create() {
   done
 }
 
-# Steps 2 and 3 share one nginx sandbox per mode.
-step_exec_and_h1() {
-  local m id t0 t1 i tok body hdr pid
+# Steps 2 and 3 share one nginx sandbox per mode; both stay up for step 3, whose rounds
+# alternate the modes (none first in odd rounds, namespaces first in even ones), so that a
+# burst of other work on a shared machine lands on both alike. Each figure is the median of
+# the rounds.
+declare -A NGX HDR
+step_exec() {
+  local m t0 t1 i tok body
   for m in "${MODES[@]}"; do
-    id=$(create "$m" "$NGINX_CMD") || fail_step "$m" "the nginx sandbox"
-    log "$m: $M x sandbox exec $id -- true"
+    NGX[$m]=$(create "$m" "$NGINX_CMD") || fail_step "$m" "the nginx sandbox"
+    log "$m: $M x sandbox exec ${NGX[$m]} -- true"
     : >"$R/$m.exec_cli"
     for i in $(seq "$M"); do
       t0=${EPOCHREALTIME/./}
-      sg "$m" sandbox exec "$id" -- true >/dev/null 2>>"$state/$m/cli.err" || fail_step "$m" "sandbox exec"
+      sg "$m" sandbox exec "${NGX[$m]}" -- true >/dev/null 2>>"$state/$m/cli.err" || fail_step "$m" "sandbox exec"
       t1=${EPOCHREALTIME/./}
       elapsed_ms "$t0" "$t1" >>"$R/$m.exec_cli"
     done
-    python3 "$state/api.py" exec "${URL[$m]}" "${KEY[$m]}" "$state/tls/ca.pem" "$id" "$M" \
+    python3 "$state/api.py" exec "${URL[$m]}" "${KEY[$m]}" "$state/tls/ca.pem" "${NGX[$m]}" "$M" \
       "$R/$m.exec_api" 2>>"$state/$m/cli.err" || fail_step "$m" "POST .../exec"
-
-    tok=$(sg "$m" token create "$id" --port 8000 --ttl 1h --json |
+    tok=$(sg "$m" token create "${NGX[$m]}" --port 8000 --ttl 1h --json |
           python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])') || fail_step "$m" "token create"
-    hdr=(-H "Authorization: Bearer $tok" -H "X-Sandgate-Sandbox: $id" -H "X-Sandgate-Port: 8000")
-    body=$(curl -sS --cacert "$state/tls/ca.pem" "${hdr[@]}" "${URL[$m]}/index.html") || fail_step "$m" "GET /index.html"
+    HDR[$m]="$tok"
+    body=$(curl -sS --cacert "$state/tls/ca.pem" -H "Authorization: Bearer $tok" \
+      -H "X-Sandgate-Sandbox: ${NGX[$m]}" -H "X-Sandgate-Port: 8000" "${URL[$m]}/index.html") || fail_step "$m" "GET /index.html"
     [[ $body == $(head -c 1024 /dev/zero | tr '\0' x) ]] || die "$m: the nginx sandbox answered '${body:0:200}', not its 1 KiB file"
-    log "$m: wrk -t$THREADS -c$CONNS -d${DURATION}s through sandbox $id"
-    wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" "${hdr[@]}" "${URL[$m]}/index.html" >/dev/null
-    pid=${GW_PID[$m]}
-    put "$m" gw_ticks0 "$(awk '{print $14 + $15}' /proc/"$pid"/stat)"
-    t0=${EPOCHREALTIME/./}
-    wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "${hdr[@]}" "${URL[$m]}/index.html" >"$R/$m.wrk"
-    t1=${EPOCHREALTIME/./}
-    put "$m" gw_ticks1 "$(awk '{print $14 + $15}' /proc/"$pid"/stat)"
-    put "$m" wrk_secs "$(elapsed_ms "$t0" "$t1")"
-    sg "$m" sandbox rm "$id" >/dev/null || fail_step "$m" "sandbox rm"
   done
+}
+
+step_h1() {
+  local r m order t0 t1 pid k0 k1 hdr
+  for r in $(seq "$ROUNDS"); do
+    order=("${MODES[@]}")
+    ((r % 2 == 0)) && order=("${order[1]}" "${order[0]}")
+    for m in "${order[@]}"; do
+      hdr=(-H "Authorization: Bearer ${HDR[$m]}" -H "X-Sandgate-Sandbox: ${NGX[$m]}" -H "X-Sandgate-Port: 8000")
+      log "$m: round $r/$ROUNDS: wrk -t$THREADS -c$CONNS -d${DURATION}s through sandbox ${NGX[$m]}"
+      wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" "${hdr[@]}" "${URL[$m]}/index.html" >/dev/null
+      pid=${GW_PID[$m]}
+      k0=$(awk '{print $14 + $15}' /proc/"$pid"/stat)
+      t0=${EPOCHREALTIME/./}
+      wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "${hdr[@]}" "${URL[$m]}/index.html" >"$R/$m.wrk.$r"
+      t1=${EPOCHREALTIME/./}
+      k1=$(awk '{print $14 + $15}' /proc/"$pid"/stat)
+      echo "$((k1 - k0)) $(elapsed_ms "$t0" "$t1")" >"$R/$m.gwcpu.$r"
+    done
+  done
+  for m in "${MODES[@]}"; do sg "$m" sandbox rm "${NGX[$m]}" >/dev/null || fail_step "$m" "sandbox rm"; done
 }
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' /proc/"$1"/status; }
@@ -397,7 +412,8 @@ step_memory() { # kind command
 # ---------------------------------------------------------------- run
 for m in "${MODES[@]}"; do start_gateway "$m"; done
 step_create
-step_exec_and_h1
+step_exec
+step_h1
 step_memory idle "$IDLE_CMD"
 step_memory python "$PY_CMD"
 
@@ -416,7 +432,7 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo "?")
 [[ -n $(git status --porcelain -- src Cargo.toml 2>/dev/null) ]] && commit="$commit+dirty"
 cgv=v1; [[ -f /sys/fs/cgroup/cgroup.controllers ]] && cgv=v2
 DAY=$day COMMIT=$commit CGV=$cgv N=$N M=$M K=$K THREADS=$THREADS CONNS=$CONNS DURATION=$DURATION \
-WARMUP=$WARMUP STORM=$STORM python3 - "$R" "$out" <<'PY'
+WARMUP=$WARMUP STORM=$STORM ROUNDS=$ROUNDS python3 - "$R" "$out" <<'PY'
 import math, os, platform, re, sys
 R, out = sys.argv[1], sys.argv[2]
 E = os.environ
@@ -431,18 +447,25 @@ def pct(v, p):  # nearest rank
     return v[max(0, math.ceil(p / 100 * len(v)) - 1)] if v else None
 def ms(v, u):
     return float(v) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[u]
-def wrk(m):
-    t = rd(m, "wrk") or ""
+def wrk_round(t, cpu_text):
     rps = re.search(r"Requests/sec:\s+([\d.]+)", t)
     p = {int(a): ms(v, u) for a, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", t, re.M)}
     bad = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses:\s+(\d+)", t))
     e = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
     bad += sum(map(int, e.groups())) if e else 0
     cpu = None
-    if rd(m, "gw_ticks0"):
-        ticks = int(rd(m, "gw_ticks1")) - int(rd(m, "gw_ticks0"))
-        cpu = ticks / os.sysconf("SC_CLK_TCK") / (float(rd(m, "wrk_secs")) / 1e3) * 100
+    if cpu_text:
+        ticks, msecs = cpu_text.split()
+        cpu = int(ticks) / os.sysconf("SC_CLK_TCK") / (float(msecs) / 1e3) * 100
     return (float(rps.group(1)) if rps else None), p.get(50), p.get(99), bad, cpu
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+def wrk(m):
+    rounds = [wrk_round(rd(m, f"wrk.{r}") or "", rd(m, f"gwcpu.{r}"))
+              for r in range(1, int(E["ROUNDS"]) + 1)]
+    cols = list(zip(*rounds)) if rounds else [[]] * 5
+    return median(cols[0]), median(cols[1]), median(cols[2]), sum(x or 0 for x in cols[3]), median(cols[4])
 def num(m, name):
     t = rd(m, name)
     return float(t) if t and t.strip() else None
@@ -474,8 +497,9 @@ lines = [f"# Isolation cost: namespaces vs none ({E['DAY']})", "",
          f"`bash bench/isolation.sh`: sandgate {E['COMMIT']}, {cpu}, {os.cpu_count()} cores, "
          f"Linux {platform.release()}, cgroup {E['CGV']}. N={E['N']} creates, M={E['M']} execs, "
          f"K={E['K']} sandboxes per memory row, wrk -t{E['THREADS']} -c{E['CONNS']} -d{E['DURATION']}s "
-         f"(after a {E['WARMUP']} s warm-up). Both gateways ran side by side; each step ran on one, "
-         "then on the other.",
+         f"(after a {E['WARMUP']} s warm-up), h1 figures the median of {E['ROUNDS']} rounds that "
+         "alternate the modes. Both gateways ran side by side; each other step ran on one, then on "
+         "the other.",
          "", "| measurement | none | namespaces | namespaces / none |", "|---|---:|---:|---:|"]
 for label, a, b, f in rows:
     ratio = f"{b / a:.2f}×" if a and b is not None else "-"
