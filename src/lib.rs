@@ -17,7 +17,8 @@
 //! - [`sandbox`]: the sandbox model and the in-memory route table the data plane reads;
 //!   `sandbox::process` runs `command` sandboxes, isolated by `sandbox::isolate` with its
 //!   parts: `launch` (the re-executed launcher, PID 1 and exec), `spec`, `mount` (the root
-//!   filesystem), `netns` (sockets inside a sandbox's network namespace), `cgroup` (limits and
+//!   filesystem), `seccomp` (the system call filter and the emptied capability bounding set
+//!   its commands run under), `netns` (sockets inside a sandbox's network namespace), `cgroup` (limits and
 //!   total ends, v1 and v2), `egress` (the in-namespace egress proxy).
 //! - [`gateway`]: opens everything from a config (store, keys, certs, admin key) into shared state.
 //! - [`server`]: listeners, one single-threaded runtime per core, TLS accept, HTTP/1.1 + HTTP/2

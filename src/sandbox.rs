@@ -11,6 +11,7 @@ pub mod launch;
 pub mod mount;
 pub mod netns;
 pub mod process;
+pub mod seccomp;
 pub mod spec;
 
 use std::cell::RefCell;

@@ -10,7 +10,8 @@
 //!    namespaces, and starts
 //! 2. **init**, PID 1 of the new PID namespace, which builds the root filesystem
 //!    ([`crate::sandbox::mount`]), sets the hostname, sets no-new-privileges and the
-//!    per-process limits, and starts
+//!    per-process limits, empties its capability bounding set, installs the system call
+//!    filter ([`crate::sandbox::seccomp`]: both inherited by all it starts), and starts
 //! 3. **the command**, as the sandbox's own uid (all capabilities gone with the change of
 //!    user), in `/workspace`, with exactly the environment of the spec.
 //!
@@ -21,8 +22,8 @@
 //! started with them unblocked (a blocked mask would be inherited across exec).
 //!
 //! **exec** joins a running sandbox the same way (cgroup, then its namespaces by the
-//! descriptors the gateway holds) and runs one command as its user; whatever follows the spec
-//! line on standard input is the command's.
+//! descriptors the gateway holds), confines itself as init did, and runs one command as its
+//! user; whatever follows the spec line on standard input is the command's.
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -277,6 +278,12 @@ fn run_init() -> ExitCode {
     };
     drop(spec);
     cmd.stdin(Stdio::null());
+    // The last step: from here on init itself runs under the filter, and so does all that
+    // the command starts (init needs nothing it refuses, only to wait and to say "ready").
+    if let Err(e) = crate::sandbox::seccomp::confine() {
+        say(&format!("error {e}"));
+        return ExitCode::from(LAUNCH_FAILED);
+    }
     let child = match spawn_unblocked(&mut cmd) {
         Ok(c) => c,
         Err(e) => {
@@ -358,6 +365,11 @@ fn run_exec() -> ExitCode {
         }
     };
     drop(spec);
+    // Last, once the namespaces are joined (setns is among the refused calls).
+    if let Err(e) = crate::sandbox::seccomp::confine() {
+        eprintln!("sandgate: {e}");
+        return ExitCode::from(LAUNCH_FAILED);
+    }
     // The rest of standard input is the command's; the child joins the sandbox's PID
     // namespace (setns applies to children).
     let mut child = match cmd.spawn() {
