@@ -85,7 +85,7 @@ pub struct Route {
     pub starting: bool,
     /// A `command` sandbox's `idle_timeout_secs`.
     pub idle_timeout: Option<u64>,
-    /// When it last served a request or ran an exec. One `Arc` for every thread's copy of the
+    /// When it last served a request, held a connection or ran an exec. One `Arc` for every thread's copy of the
     /// route, and kept across [`Routes::upsert`], so no thread's activity is lost.
     pub activity: Arc<Activity>,
 }
@@ -101,6 +101,11 @@ pub struct Activity(AtomicI64);
 impl Activity {
     pub fn new(now: i64) -> Activity {
         Activity(AtomicI64::new(now))
+    }
+
+    /// True when nothing was noted for `timeout` seconds up to `now`.
+    pub fn quiet_for(&self, timeout: u64, now: i64) -> bool {
+        u64::try_from(now.saturating_sub(self.last())).unwrap_or(0) >= timeout
     }
 
     /// Notes activity at `now` (unix seconds, such as the request path's [`unix_now`]).
@@ -269,16 +274,16 @@ impl Routes {
         }
     }
 
-    /// Running sandboxes with an idle timeout and no activity for that long, with the
-    /// timeout. Open connections and execs are the caller's to check.
-    pub fn idle(&self, now: i64) -> Vec<(String, u64)> {
+    /// Running sandboxes with an idle timeout: id, timeout and activity. Whether one is idle
+    /// (its activity older than the timeout, and no open connection or exec) is the caller's
+    /// to decide.
+    pub fn idle_timed(&self) -> Vec<(String, u64, Arc<Activity>)> {
         self.map
             .iter()
             .filter(|r| r.live && !r.starting)
             .filter_map(|r| {
                 let timeout = r.idle_timeout?;
-                let quiet = now.saturating_sub(r.activity.last());
-                (u64::try_from(quiet).unwrap_or(0) >= timeout).then(|| (r.key().clone(), timeout))
+                Some((r.key().clone(), timeout, Arc::clone(&r.activity)))
             })
             .collect()
     }
@@ -344,6 +349,16 @@ mod tests {
         }
     }
 
+    /// The sandboxes quiet for their timeout at `now`.
+    fn idle(routes: &Routes, now: i64) -> Vec<(String, u64)> {
+        routes
+            .idle_timed()
+            .into_iter()
+            .filter(|(_, timeout, activity)| activity.quiet_for(*timeout, now))
+            .map(|(id, timeout, _)| (id, timeout))
+            .collect()
+    }
+
     #[test]
     fn activity_outlives_record_changes_and_idle_waits_for_running() {
         let routes = Routes::new();
@@ -355,18 +370,18 @@ mod tests {
         routes.upsert(&r);
         let now = unix_now();
         // Starting: never idle, however long ago its last activity.
-        assert!(routes.idle(now + 100).is_empty());
+        assert!(idle(&routes, now + 100).is_empty());
         let copy = routes.get(&r.id).unwrap();
         r.status = SandboxStatus::Running;
         routes.upsert(&r);
         // The clock started when it became running; a thread's old copy shares the activity.
-        assert!(routes.idle(now + 2).is_empty());
-        assert_eq!(routes.idle(now + 4), vec![(r.id.clone(), 3)]);
+        assert!(idle(&routes, now + 2).is_empty());
+        assert_eq!(idle(&routes, now + 4), vec![(r.id.clone(), 3)]);
         copy.activity.touch(now + 10);
         r.detail = Some("a changed record".into());
         routes.upsert(&r);
-        assert!(routes.idle(now + 12).is_empty());
-        assert_eq!(routes.idle(now + 13).len(), 1);
+        assert!(idle(&routes, now + 12).is_empty());
+        assert_eq!(idle(&routes, now + 13).len(), 1);
         assert!(Arc::ptr_eq(
             &routes.get(&r.id).unwrap().activity,
             &copy.activity
@@ -377,11 +392,14 @@ mod tests {
         // Ended, or without a timeout: never idle.
         r.status = SandboxStatus::Stopped;
         routes.upsert(&r);
-        assert!(routes.idle(now + 100).is_empty());
+        assert!(idle(&routes, now + 100).is_empty());
         let mut other = record(Some("10.0.3.7"));
         other.process.idle_timeout_secs = Some(3);
         routes.upsert(&other);
-        assert!(routes.idle(now + 100).is_empty(), "upstream sandboxes are not ended");
+        assert!(
+            idle(&routes, now + 100).is_empty(),
+            "upstream sandboxes are not ended"
+        );
     }
 
     #[test]

@@ -50,7 +50,9 @@ impl Tracker {
 
     /// Client and relay connections open into a sandbox now (an idle sandbox has none).
     pub fn open_in(&self, sandbox: &str) -> usize {
-        self.by_sandbox.get(sandbox).map_or(0, |entries| entries.len())
+        self.by_sandbox
+            .get(sandbox)
+            .map_or(0, |entries| entries.len())
     }
 
     /// Connections currently registered under any token.

@@ -585,14 +585,17 @@ impl Driver {
         let Some(running) = self.running.get(id) else {
             return false;
         };
-        if running.stop.is_cancelled() || running.idle.is_cancelled() {
-            return false;
-        }
-        if self.tracker.open_in(id) > 0 || self.execs.contains_key(id) {
+        if running.stop.is_cancelled() || running.idle.is_cancelled() || self.busy(id) {
             return false;
         }
         running.idle.cancel();
         true
+    }
+
+    /// True while sandbox `id` has an open client or relay connection, or a running exec:
+    /// activity that lasts, rather than happens at one moment.
+    pub fn busy(&self, id: &str) -> bool {
+        self.tracker.open_in(id) > 0 || self.execs.contains_key(id)
     }
 
     /// Notes activity in sandbox `id` for its idle timeout: for operations that are not
