@@ -471,7 +471,13 @@ struct CreateSandbox {
     /// A CPU limit such as 0.5 or 2 (isolated sandboxes).
     cpus: Option<f64>,
     egress: Option<EgressBody>,
+    /// Taken as any JSON value so that a string, a fraction or a negative number is refused
+    /// with a message naming the field (serde's own would not).
+    idle_timeout_secs: Option<serde_json::Value>,
 }
+
+/// The longest `idle_timeout_secs`: a week.
+const MAX_IDLE_TIMEOUT_SECS: u64 = 604_800;
 
 /// `egress` on creation: the host names an isolated sandbox may reach through its proxy.
 #[derive(Deserialize)]
@@ -500,6 +506,8 @@ struct SandboxView {
     /// `command` sandboxes: `"namespaces"` or `"none"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     isolation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout_secs: Option<u64>,
 }
 
 impl SandboxView {
@@ -518,6 +526,7 @@ impl SandboxView {
             rewrite_host: s.rewrite_host,
             detail: s.detail.clone(),
             isolation: s.process.isolation.clone(),
+            idle_timeout_secs: s.process.idle_timeout_secs,
         }
     }
 }
@@ -618,6 +627,22 @@ async fn create_sandbox(
         Some(e) => validate_egress(&e.allow, &body.ports)?,
         None => Vec::new(),
     };
+    let idle_timeout_secs = match &body.idle_timeout_secs {
+        None | Some(serde_json::Value::Null) => None,
+        Some(_) if upstream.is_some() => {
+            return Err(HttpError::invalid_argument(
+                "`idle_timeout_secs` applies to `command` sandboxes only: an `upstream` sandbox runs elsewhere, and the node that runs it ends it",
+            ))
+        }
+        Some(v) => match v.as_u64() {
+            Some(secs) if (1..=MAX_IDLE_TIMEOUT_SECS).contains(&secs) => Some(secs),
+            _ => {
+                return Err(HttpError::invalid_argument(format!(
+                    "idle_timeout_secs must be a whole number of seconds from 1 to {MAX_IDLE_TIMEOUT_SECS} (a week)"
+                )))
+            }
+        },
+    };
     let now = unix_now();
     if body.timeout_secs.is_some_and(|t| t <= 0) {
         return Err(HttpError::invalid_argument("timeout_secs must be positive"));
@@ -657,6 +682,7 @@ async fn create_sandbox(
                 .map(|c| (c * 1000.0).round().max(1.0) as u64)
                 .or(defaults.cpu_millis);
             record.process.egress = egress;
+            record.process.idle_timeout_secs = idle_timeout_secs;
             record = driver.start(record).await.map_err(driver_error)?;
         }
         _ => {

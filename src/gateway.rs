@@ -320,6 +320,32 @@ impl Gateway {
         Ok(ended)
     }
 
+    /// Ends this node's running `command` sandboxes that have had no activity for their
+    /// `idle_timeout_secs`: no proxied request, no open client or relay connection, no exec.
+    /// A sandbox seen busy (a connection or an exec open) is active now, so its idle time
+    /// counts from when the last one closed, to this check's second. Each ends as `stopped`
+    /// with a `detail` saying so (its supervisor records it); this does not wait for them.
+    /// Returns how many it started ending.
+    pub async fn end_idle_sandboxes(&self, now: i64) -> usize {
+        let Some(driver) = &self.driver else {
+            return 0;
+        };
+        let mut ended = 0;
+        for (id, secs, activity) in self.routes.idle_timed() {
+            if driver.busy(&id) {
+                activity.touch(now);
+                continue;
+            }
+            if !activity.quiet_for(secs, now) || !driver.end_idle(&id) {
+                continue;
+            }
+            tracing::info!(sandbox = %id, idle_timeout_secs = secs, "sandbox idle for its idle timeout; ending it");
+            self.audit("sandgate", "sandbox.idle", &id, None).await;
+            ended += 1;
+        }
+        ended
+    }
+
     /// Records an audit event in the store and as one structured log line.
     pub async fn audit(
         &self,

@@ -361,6 +361,8 @@ impl Proxy {
                 });
             }
         }
+        // For the idle timeout: a relaxed load, and a store once a second at most.
+        route.activity.touch(now);
         if transport == Transport::Query {
             // The cookie carries a reusable copy of the same grant (same jti, so revoking the
             // token ends the session too).

@@ -15,6 +15,7 @@ pub mod seccomp;
 pub mod spec;
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -25,6 +26,7 @@ use rand::Rng;
 use crate::front::{Epoch, Front};
 use crate::sandbox::netns::NetNs;
 use crate::store::{SandboxRecord, SandboxStatus};
+use crate::unix_now;
 
 /// Length of a sandbox id: 24 characters of `[a-z0-9]` carry 124 bits of randomness.
 pub const ID_LEN: usize = 24;
@@ -79,6 +81,45 @@ pub struct Route {
     /// The node that runs an isolated sandbox: another node reaches it through the cluster
     /// relay ([`crate::relay`]).
     pub node: Option<String>,
+    /// Still `starting`: its idle clock has not started.
+    pub starting: bool,
+    /// A `command` sandbox's `idle_timeout_secs`.
+    pub idle_timeout: Option<u64>,
+    /// When it last served a request, held a connection or ran an exec. One `Arc` for every thread's copy of the
+    /// route, and kept across [`Routes::upsert`], so no thread's activity is lost.
+    pub activity: Arc<Activity>,
+}
+
+/// When a sandbox was last active, in unix seconds.
+///
+/// Written on the request path, so a write happens only when the second has changed: a
+/// sandbox busy on every core costs each request a relaxed load of a line that stays shared
+/// in every core's cache, and one store per second.
+#[derive(Debug)]
+pub struct Activity(AtomicI64);
+
+impl Activity {
+    pub fn new(now: i64) -> Activity {
+        Activity(AtomicI64::new(now))
+    }
+
+    /// True when nothing was noted for `timeout` seconds up to `now`.
+    pub fn quiet_for(&self, timeout: u64, now: i64) -> bool {
+        u64::try_from(now.saturating_sub(self.last())).unwrap_or(0) >= timeout
+    }
+
+    /// Notes activity at `now` (unix seconds, such as the request path's [`unix_now`]).
+    #[inline]
+    pub fn touch(&self, now: i64) {
+        if self.0.load(Ordering::Relaxed) < now {
+            self.0.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// The last second with activity.
+    pub fn last(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl Route {
@@ -137,6 +178,12 @@ impl Route {
             upstream_deadline: record.expires_at.filter(|_| record.command.is_none()),
             policed: record.command.is_none(),
             node: record.node.clone().filter(|_| isolated),
+            starting: record.status == SandboxStatus::Starting,
+            idle_timeout: record
+                .process
+                .idle_timeout_secs
+                .filter(|_| record.command.is_some()),
+            activity: Arc::new(Activity::new(unix_now())),
         })
     }
 
@@ -186,10 +233,21 @@ impl Routes {
         Some(route)
     }
 
-    /// Inserts or replaces the entry for a record.
+    /// Inserts or replaces the entry for a record. A sandbox's activity carries over from its
+    /// previous entry, and its idle clock starts again when it stops `starting`.
     pub fn upsert(&self, record: &SandboxRecord) {
         match Route::from_record(record) {
-            Some(route) => {
+            Some(mut route) => {
+                let previous = self
+                    .map
+                    .get(&record.id)
+                    .map(|r| (Arc::clone(&r.activity), r.starting));
+                if let Some((activity, was_starting)) = previous {
+                    route.activity = activity;
+                    if was_starting && !route.starting {
+                        route.activity.touch(unix_now());
+                    }
+                }
                 self.map.insert(record.id.clone(), Arc::new(route));
             }
             None => {
@@ -205,6 +263,28 @@ impl Routes {
             .iter()
             .filter(|r| r.live && r.upstream_deadline.is_some_and(|t| t <= now))
             .map(|r| r.key().clone())
+            .collect()
+    }
+
+    /// Notes activity in sandbox `id` now (an exec, a file operation). The request path
+    /// touches the route it already holds instead.
+    pub fn touch(&self, id: &str) {
+        if let Some(route) = self.map.get(id) {
+            route.activity.touch(unix_now());
+        }
+    }
+
+    /// Running sandboxes with an idle timeout: id, timeout and activity. Whether one is idle
+    /// (its activity older than the timeout, and no open connection or exec) is the caller's
+    /// to decide.
+    pub fn idle_timed(&self) -> Vec<(String, u64, Arc<Activity>)> {
+        self.map
+            .iter()
+            .filter(|r| r.live && !r.starting)
+            .filter_map(|r| {
+                let timeout = r.idle_timeout?;
+                Some((r.key().clone(), timeout, Arc::clone(&r.activity)))
+            })
             .collect()
     }
 
@@ -267,6 +347,59 @@ mod tests {
             detail: None,
             process: Default::default(),
         }
+    }
+
+    /// The sandboxes quiet for their timeout at `now`.
+    fn idle(routes: &Routes, now: i64) -> Vec<(String, u64)> {
+        routes
+            .idle_timed()
+            .into_iter()
+            .filter(|(_, timeout, activity)| activity.quiet_for(*timeout, now))
+            .map(|(id, timeout, _)| (id, timeout))
+            .collect()
+    }
+
+    #[test]
+    fn activity_outlives_record_changes_and_idle_waits_for_running() {
+        let routes = Routes::new();
+        let mut r = record(None);
+        r.command = Some(vec!["server".into()]);
+        r.host_ports = BTreeMap::from([(8000, 41000), (9000, 41001)]);
+        r.process.idle_timeout_secs = Some(3);
+        r.status = SandboxStatus::Starting;
+        routes.upsert(&r);
+        let now = unix_now();
+        // Starting: never idle, however long ago its last activity.
+        assert!(idle(&routes, now + 100).is_empty());
+        let copy = routes.get(&r.id).unwrap();
+        r.status = SandboxStatus::Running;
+        routes.upsert(&r);
+        // The clock started when it became running; a thread's old copy shares the activity.
+        assert!(idle(&routes, now + 2).is_empty());
+        assert_eq!(idle(&routes, now + 4), vec![(r.id.clone(), 3)]);
+        copy.activity.touch(now + 10);
+        r.detail = Some("a changed record".into());
+        routes.upsert(&r);
+        assert!(idle(&routes, now + 12).is_empty());
+        assert_eq!(idle(&routes, now + 13).len(), 1);
+        assert!(Arc::ptr_eq(
+            &routes.get(&r.id).unwrap().activity,
+            &copy.activity
+        ));
+        // Touching never moves the clock back.
+        copy.activity.touch(now);
+        assert_eq!(copy.activity.last(), now + 10);
+        // Ended, or without a timeout: never idle.
+        r.status = SandboxStatus::Stopped;
+        routes.upsert(&r);
+        assert!(idle(&routes, now + 100).is_empty());
+        let mut other = record(Some("10.0.3.7"));
+        other.process.idle_timeout_secs = Some(3);
+        routes.upsert(&other);
+        assert!(
+            idle(&routes, now + 100).is_empty(),
+            "upstream sandboxes are not ended"
+        );
     }
 
     #[test]

@@ -563,7 +563,8 @@ impl Drop for Slot {
     }
 }
 
-/// Periodic work: pick up rotated signing keys (within 5 s) and forget expired revocations.
+/// Periodic work: pick up rotated signing keys (within 5 s), end expired and idle sandboxes
+/// (every second) and forget expired revocations.
 fn spawn_maintenance(gw: Arc<Gateway>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut keys = tokio::time::interval(Duration::from_secs(2));
@@ -578,9 +579,11 @@ fn spawn_maintenance(gw: Arc<Gateway>, stop: CancellationToken) -> tokio::task::
                     }
                 }
                 _ = expire.tick() => {
-                    if let Err(err) = gw.expire_sandboxes(unix_now()).await {
+                    let now = unix_now();
+                    if let Err(err) = gw.expire_sandboxes(now).await {
                         tracing::warn!(error = %err, "could not end expired sandboxes");
                     }
+                    gw.end_idle_sandboxes(now).await;
                 }
                 _ = prune.tick() => {
                     gw.api_limits.shrink();

@@ -232,6 +232,10 @@ pub struct ProcessInfo {
     /// Host names (or `*.suffix` patterns) its egress proxy lets it reach; empty: no egress.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<String>,
+    /// Seconds without a request, connection or exec after which the sandbox is ended
+    /// (`idle_timeout_secs` on creation); `None`: never for idleness.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
 }
 
 impl fmt::Debug for SandboxRecord {

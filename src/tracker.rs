@@ -48,6 +48,13 @@ impl Tracker {
         Self::close(&self.by_sandbox, sandbox)
     }
 
+    /// Client and relay connections open into a sandbox now (an idle sandbox has none).
+    pub fn open_in(&self, sandbox: &str) -> usize {
+        self.by_sandbox
+            .get(sandbox)
+            .map_or(0, |entries| entries.len())
+    }
+
     /// Connections currently registered under any token.
     pub fn tracked_tokens(&self) -> usize {
         self.by_jti.len()
@@ -182,6 +189,7 @@ mod tests {
         assert!(a.admit("j1", "s1", 10));
         assert!(a.admit("j1", "s1", 10));
         assert!(b.admit("j2", "s1", 10));
+        assert_eq!(t.open_in("s1"), 2);
         assert_eq!(t.close_token("j1"), 1);
         assert!(a.cancelled().is_cancelled());
         assert!(!b.cancelled().is_cancelled());
@@ -230,6 +238,7 @@ mod tests {
         assert_eq!(t.tracked_tokens(), 1);
         drop(a);
         assert_eq!(t.tracked_tokens(), 0);
+        assert_eq!(t.open_in("s1"), 0);
         assert_eq!(t.close_sandbox("s1"), 0);
     }
 }

@@ -122,6 +122,8 @@ pub struct ExecOutput {
 struct Running {
     /// Cancel to terminate.
     stop: CancellationToken,
+    /// Cancel to end it for idleness (its `detail` says so).
+    idle: CancellationToken,
     /// An isolated sandbox's namespaces and cgroup (`None` under `isolation = "none"`).
     jail: Option<Arc<Jail>>,
     /// Becomes true when the supervisor has finished (process group gone, store updated).
@@ -506,11 +508,13 @@ impl Driver {
         pumps: [Option<tokio::task::JoinHandle<()>>; 2],
     ) {
         let stop = CancellationToken::new();
+        let idle = CancellationToken::new();
         let (done_tx, done_rx) = watch::channel(false);
         self.running.insert(
             record.id.clone(),
             Running {
                 stop: stop.clone(),
+                idle: idle.clone(),
                 jail: jail.clone(),
                 done: done_rx,
             },
@@ -521,6 +525,7 @@ impl Driver {
         let awaited = awaited_ports(record, &ports);
         let pgid = record.process.pgid;
         let memory_mb = record.process.memory_mb;
+        let idle_timeout = record.process.idle_timeout_secs.unwrap_or(0);
         let probe_ports: Vec<u16> = ports.values().copied().collect();
         tokio::spawn(async move {
             this.supervise(Supervised {
@@ -529,6 +534,8 @@ impl Driver {
                 pgid,
                 jail,
                 stop,
+                idle,
+                idle_timeout,
                 deadline,
                 host_ports,
                 probe_ports,
@@ -570,6 +577,33 @@ impl Driver {
         true
     }
 
+    /// Ends sandbox `id` for idleness unless something keeps it busy: an open client or relay
+    /// connection, or an exec. Does not wait for it to end. Returns true when this call
+    /// started its end (false: not running here, busy, or already ending), so the caller
+    /// reports each end once.
+    pub fn end_idle(&self, id: &str) -> bool {
+        let Some(running) = self.running.get(id) else {
+            return false;
+        };
+        if running.stop.is_cancelled() || running.idle.is_cancelled() || self.busy(id) {
+            return false;
+        }
+        running.idle.cancel();
+        true
+    }
+
+    /// True while sandbox `id` has an open client or relay connection, or a running exec:
+    /// activity that lasts, rather than happens at one moment.
+    pub fn busy(&self, id: &str) -> bool {
+        self.tracker.open_in(id) > 0 || self.execs.contains_key(id)
+    }
+
+    /// Notes activity in sandbox `id` for its idle timeout: for operations that are not
+    /// proxied requests (execs, file operations).
+    pub fn touch(&self, id: &str) {
+        self.routes.touch(id);
+    }
+
     /// Kills every running isolated sandbox at once, without waiting or updating the store:
     /// for an embedding process that goes away without a shutdown (a test that failed).
     pub fn kill_all_now(&self) {
@@ -595,6 +629,8 @@ impl Driver {
             pgid,
             jail,
             stop,
+            idle,
+            idle_timeout,
             deadline,
             host_ports,
             probe_ports,
@@ -629,6 +665,10 @@ impl Driver {
                 _ = stop.cancelled() => {
                     self.end(jail, pgid, &mut child).await;
                     break Outcome::Terminated;
+                }
+                _ = idle.cancelled() => {
+                    self.end(jail, pgid, &mut child).await;
+                    break Outcome::Idle(idle_timeout);
                 }
                 _ = &mut timeout => {
                     self.end(jail, pgid, &mut child).await;
@@ -698,6 +738,12 @@ impl Driver {
             }
             Outcome::Terminated => (SandboxStatus::Stopped, "terminated".to_string()),
             Outcome::TimedOut => (SandboxStatus::Stopped, "reached its timeout".to_string()),
+            Outcome::Idle(secs) => (
+                SandboxStatus::Stopped,
+                format!(
+                    "idle timeout: no requests, connections or execs for {secs} s (idle_timeout_secs)"
+                ),
+            ),
             Outcome::Lost(e) => (
                 SandboxStatus::Failed,
                 format!("lost track of the process: {e}"),
@@ -785,6 +831,8 @@ impl Driver {
         record: &SandboxRecord,
         req: ExecRequest,
     ) -> Result<ExecOutput, DriverError> {
+        // Activity from now on: the running exec then keeps it busy, and ends with a touch.
+        self.touch(&record.id);
         let mut env = record.env.clone();
         env.extend(req.env.clone());
         let jail = self.running.get(&record.id).and_then(|r| r.jail.clone());
@@ -819,6 +867,9 @@ impl Driver {
         // Kills the group however this call ends, including when the caller goes away and
         // this future is dropped mid-wait.
         let _group = pgid.map(|pgid| ExecGroup::register(self, &record.id, pgid));
+        // Declared after the group, so dropped before it: the exec's end is activity before
+        // the exec stops counting as running, leaving the idle check no gap between the two.
+        let _touch = TouchOnDrop(self, &record.id);
         let cap = self.cfg.exec_output_max_bytes;
         let stop_capture = CancellationToken::new();
         let out = child
@@ -984,6 +1035,15 @@ impl Drop for ExecGroup<'_> {
     }
 }
 
+/// Notes activity when an exec ends, however it ends (the caller may go away mid-wait).
+struct TouchOnDrop<'a>(&'a Driver, &'a str);
+
+impl Drop for TouchOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.touch(self.1);
+    }
+}
+
 /// What a supervisor watches over.
 struct Supervised {
     id: String,
@@ -991,6 +1051,10 @@ struct Supervised {
     pgid: Option<i32>,
     jail: Option<Arc<Jail>>,
     stop: CancellationToken,
+    /// Cancelled by [`Driver::end_idle`].
+    idle: CancellationToken,
+    /// Its `idle_timeout_secs`, for the `detail`.
+    idle_timeout: u64,
     deadline: Option<i64>,
     /// Host ports to give back at the end (`isolation = "none"`).
     host_ports: Vec<u16>,
@@ -1015,6 +1079,8 @@ enum Outcome {
     NeverListened,
     Terminated,
     TimedOut,
+    /// Ended by [`Driver::end_idle`] after this many seconds without activity.
+    Idle(u64),
     Lost(String),
 }
 
