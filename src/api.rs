@@ -476,11 +476,12 @@ struct CreateSandbox {
     cpus: Option<f64>,
     egress: Option<EgressBody>,
     /// Unique among the caller's live sandboxes (see [`check_name`]).
+    #[serde(default, deserialize_with = "name_field")]
     name: Option<String>,
     /// With `name`: answer a live sandbox of that name with 200 and that sandbox, not 409.
     #[serde(default)]
     reuse: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "tags_field")]
     tags: BTreeMap<String, String>,
 }
 
@@ -489,7 +490,30 @@ struct CreateSandbox {
 #[serde(deny_unknown_fields)]
 struct PatchSandbox {
     /// Replaces every tag.
+    #[serde(default, deserialize_with = "some_tags_field")]
     tags: Option<BTreeMap<String, String>>,
+}
+
+/// `name` of the wrong JSON type: a message naming the field (serde's alone names only types).
+/// Examples are in backticks: [`redact_json_error`] hides whatever is in double quotes.
+fn name_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("name must be a string such as `job-42`"))
+}
+
+/// `tags` of the wrong JSON shape: a message naming the field.
+fn tags_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    BTreeMap::<String, String>::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "tags must be an object whose values are strings (such as `env`: `prod`)",
+        )
+    })
+}
+
+fn some_tags_field<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    tags_field(d).map(Some)
 }
 
 /// `egress` on creation: the host names an isolated sandbox may reach through its proxy.
