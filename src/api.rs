@@ -47,9 +47,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route(
             "/v1/sandboxes/{id}",
-            get(get_sandbox)
-                .delete(delete_sandbox)
-                .patch(patch_sandbox),
+            get(get_sandbox).delete(delete_sandbox).patch(patch_sandbox),
         )
         .route("/v1/sandboxes/{id}/connect-tokens", post(create_token))
         .route("/v1/sandboxes/{id}/exec", post(exec))
@@ -502,7 +500,9 @@ fn name_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, 
 }
 
 /// `tags` of the wrong JSON shape: a message naming the field.
-fn tags_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+fn tags_field<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
     BTreeMap::<String, String>::deserialize(d).map_err(|_| {
         serde::de::Error::custom(
             "tags must be an object whose values are strings (such as `env`: `prod`)",
@@ -764,20 +764,20 @@ async fn create_sandbox(
         tags: body.tags,
     };
     if let (Some(driver), Some(_)) = (&gw.driver, &record.command) {
-            if gw.config.store.url.is_some() {
-                // Other nodes reach this node's sandboxes over the private network.
-                record.upstream = Some(gw.config.cluster.advertise_addr.clone());
-            }
-            let defaults = driver.default_limits();
-            record.process.memory_mb = body.memory_mb.or(defaults.memory_mb);
-            record.process.cpu_secs = body.cpu_secs.or(defaults.cpu_secs);
-            record.process.max_processes = body.max_processes.or(defaults.max_processes);
-            record.process.max_open_files = body.max_open_files.or(defaults.max_open_files);
-            record.process.cpu_millis = body
-                .cpus
-                .map(|c| (c * 1000.0).round().max(1.0) as u64)
-                .or(defaults.cpu_millis);
-            record.process.egress = egress;
+        if gw.config.store.url.is_some() {
+            // Other nodes reach this node's sandboxes over the private network.
+            record.upstream = Some(gw.config.cluster.advertise_addr.clone());
+        }
+        let defaults = driver.default_limits();
+        record.process.memory_mb = body.memory_mb.or(defaults.memory_mb);
+        record.process.cpu_secs = body.cpu_secs.or(defaults.cpu_secs);
+        record.process.max_processes = body.max_processes.or(defaults.max_processes);
+        record.process.max_open_files = body.max_open_files.or(defaults.max_open_files);
+        record.process.cpu_millis = body
+            .cpus
+            .map(|c| (c * 1000.0).round().max(1.0) as u64)
+            .or(defaults.cpu_millis);
+        record.process.egress = egress;
     }
     // The look-up answers a taken name before a process is started for nothing; the store's
     // check at insert is what makes it race-free (of two creates with one name, one inserts,

@@ -229,7 +229,10 @@ impl SandboxFilter {
     /// Whether `s` passes every condition: the reference every backend must agree with.
     pub fn matches(&self, s: &SandboxRecord) -> bool {
         self.owner.as_ref().is_none_or(|o| *o == s.owner)
-            && self.name.as_ref().is_none_or(|n| s.name.as_ref() == Some(n))
+            && self
+                .name
+                .as_ref()
+                .is_none_or(|n| s.name.as_ref() == Some(n))
             && self.has_tags(s)
     }
 
@@ -708,7 +711,10 @@ pub(crate) mod conformance {
             name: None,
             tags: BTreeMap::from([
                 ("team".to_owned(), "ml".to_owned()),
-                ("k8s.io/app-name_x".to_owned(), "ünïcode \"quoted\" =".to_owned()),
+                (
+                    "k8s.io/app-name_x".to_owned(),
+                    "ünïcode \"quoted\" =".to_owned(),
+                ),
             ]),
         }
     }
@@ -1495,9 +1501,15 @@ pub(crate) mod conformance {
                 ..named("sbxweb00000000000000002", "cred_a", "web", 11)
             };
             let err = store.insert_sandbox(&again).await.unwrap_err();
-            assert!(matches!(&err, StoreError::NameInUse(n) if n == "web"), "{err:?}");
+            assert!(
+                matches!(&err, StoreError::NameInUse(n) if n == "web"),
+                "{err:?}"
+            );
         }
-        assert_eq!(store.sandbox("sbxweb00000000000000002").await.unwrap(), None);
+        assert_eq!(
+            store.sandbox("sbxweb00000000000000002").await.unwrap(),
+            None
+        );
         // A duplicate id is still a plain conflict, even with a taken name.
         let err = store.insert_sandbox(&web).await.unwrap_err();
         assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
@@ -1526,8 +1538,14 @@ pub(crate) mod conformance {
             store.live_sandbox_named("cred_b", "web").await.unwrap(),
             Some(other_owner)
         );
-        assert_eq!(store.live_sandbox_named("cred_c", "web").await.unwrap(), None);
-        assert_eq!(store.live_sandbox_named("cred_a", "we").await.unwrap(), None);
+        assert_eq!(
+            store.live_sandbox_named("cred_c", "web").await.unwrap(),
+            None
+        );
+        assert_eq!(
+            store.live_sandbox_named("cred_a", "we").await.unwrap(),
+            None
+        );
         assert_eq!(store.sandboxes().await.unwrap().len(), 6);
     }
 
@@ -1544,8 +1562,15 @@ pub(crate) mod conformance {
         };
         store.update_sandbox(&stopped).await.unwrap();
         let kept = store.sandbox(&first.id).await.unwrap().unwrap();
-        assert_eq!(kept.name.as_deref(), Some("job-1"), "an ended sandbox keeps its name");
-        assert_eq!(store.live_sandbox_named("cred_a", "job-1").await.unwrap(), None);
+        assert_eq!(
+            kept.name.as_deref(),
+            Some("job-1"),
+            "an ended sandbox keeps its name"
+        );
+        assert_eq!(
+            store.live_sandbox_named("cred_a", "job-1").await.unwrap(),
+            None
+        );
 
         let second = SandboxRecord {
             node: Some("node-a".to_owned()),
@@ -1561,7 +1586,10 @@ pub(crate) mod conformance {
         store.heartbeat(&node("node-a", 100)).await.unwrap();
         let lost = store.mark_node_lost("node-a", 150, 200).await.unwrap();
         assert!(lost.contains(&second.id), "{lost:?}");
-        assert_eq!(store.live_sandbox_named("cred_a", "job-1").await.unwrap(), None);
+        assert_eq!(
+            store.live_sandbox_named("cred_a", "job-1").await.unwrap(),
+            None
+        );
         let third = named("sbxjob00000000000000003", "cred_a", "job-1", 300);
         store.insert_sandbox(&third).await.unwrap();
 
@@ -1622,7 +1650,13 @@ pub(crate) mod conformance {
             .collect();
         store.set_sandbox_tags(&s.id, &tags).await.unwrap();
         let read = store.sandbox(&s.id).await.unwrap().unwrap();
-        assert_eq!(read, SandboxRecord { tags: tags.clone(), ..s.clone() });
+        assert_eq!(
+            read,
+            SandboxRecord {
+                tags: tags.clone(),
+                ..s.clone()
+            }
+        );
         assert_eq!(store.sandbox(&bystander.id).await.unwrap(), Some(bystander));
 
         // A status update written from a copy read before the new tags keeps the new tags.
@@ -1637,7 +1671,10 @@ pub(crate) mod conformance {
         assert_eq!(read.status, SandboxStatus::Stopped);
         assert_eq!(read.tags, tags);
 
-        store.set_sandbox_tags(&s.id, &BTreeMap::new()).await.unwrap();
+        store
+            .set_sandbox_tags(&s.id, &BTreeMap::new())
+            .await
+            .unwrap();
         assert!(store.sandbox(&s.id).await.unwrap().unwrap().tags.is_empty());
         let err = store
             .set_sandbox_tags("sbxmissing", &tags)
@@ -1647,19 +1684,25 @@ pub(crate) mod conformance {
     }
 
     pub(crate) async fn find_sandboxes_filters_by_owner_name_and_every_tag(store: &dyn Store) {
-        let tagged = |id: &str, owner: &str, created_at: i64, tags: &[(&str, &str)]| SandboxRecord {
-            owner: owner.to_owned(),
-            tags: tags
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            ..sandbox(id, created_at)
-        };
+        let tagged =
+            |id: &str, owner: &str, created_at: i64, tags: &[(&str, &str)]| SandboxRecord {
+                owner: owner.to_owned(),
+                tags: tags
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                ..sandbox(id, created_at)
+            };
         let a1 = SandboxRecord {
             name: Some("alpha".to_owned()),
             ..tagged("sbxfind01", "cred_a", 1, &[("env", "prod"), ("team", "ml")])
         };
-        let a2 = tagged("sbxfind02", "cred_a", 2, &[("env", "prod"), ("team", "web")]);
+        let a2 = tagged(
+            "sbxfind02",
+            "cred_a",
+            2,
+            &[("env", "prod"), ("team", "web")],
+        );
         let a3 = tagged("sbxfind03", "cred_a", 3, &[("env", "dev")]);
         let b1 = SandboxRecord {
             name: Some("alpha".to_owned()),
@@ -1687,19 +1730,36 @@ pub(crate) mod conformance {
                 found.into_iter().map(|s| s.id).collect::<Vec<String>>()
             }
         };
-        assert_eq!(find(None, None, &[]).await, ["sbxfind01", "sbxfind02", "sbxfind03", "sbxfind04"]);
-        assert_eq!(find(Some("cred_a"), None, &[]).await, ["sbxfind01", "sbxfind02", "sbxfind03"]);
+        assert_eq!(
+            find(None, None, &[]).await,
+            ["sbxfind01", "sbxfind02", "sbxfind03", "sbxfind04"]
+        );
+        assert_eq!(
+            find(Some("cred_a"), None, &[]).await,
+            ["sbxfind01", "sbxfind02", "sbxfind03"]
+        );
         assert!(find(Some("cred_none"), None, &[]).await.is_empty());
-        assert_eq!(find(None, Some("alpha"), &[]).await, ["sbxfind01", "sbxfind04"]);
-        assert_eq!(find(Some("cred_b"), Some("alpha"), &[]).await, ["sbxfind04"]);
+        assert_eq!(
+            find(None, Some("alpha"), &[]).await,
+            ["sbxfind01", "sbxfind04"]
+        );
+        assert_eq!(
+            find(Some("cred_b"), Some("alpha"), &[]).await,
+            ["sbxfind04"]
+        );
         assert!(find(None, Some("alph"), &[]).await.is_empty());
-        assert_eq!(find(Some("cred_a"), None, &[("env", "prod")]).await, ["sbxfind01", "sbxfind02"]);
+        assert_eq!(
+            find(Some("cred_a"), None, &[("env", "prod")]).await,
+            ["sbxfind01", "sbxfind02"]
+        );
         // Every tag must match (AND), by exact value.
         assert_eq!(
             find(Some("cred_a"), None, &[("env", "prod"), ("team", "ml")]).await,
             ["sbxfind01"]
         );
-        assert!(find(None, None, &[("env", "prod"), ("team", "none")]).await.is_empty());
+        assert!(find(None, None, &[("env", "prod"), ("team", "none")])
+            .await
+            .is_empty());
         assert!(find(None, None, &[("env", "pro")]).await.is_empty());
         assert!(find(None, None, &[("missing", "")]).await.is_empty());
         assert_eq!(

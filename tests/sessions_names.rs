@@ -62,7 +62,10 @@ async fn a_live_name_conflicts_or_is_reused_and_is_free_once_deleted() {
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
     assert_eq!(v["error"]["code"], "conflict");
     let message = v["error"]["message"].as_str().unwrap();
-    assert!(message.contains(&id) && message.contains("reuse"), "{message}");
+    assert!(
+        message.contains(&id) && message.contains("reuse"),
+        "{message}"
+    );
 
     // With reuse: 200 and the existing sandbox, exactly as GET shows it.
     let (status, reused) = create(
@@ -99,7 +102,10 @@ async fn a_live_name_conflicts_or_is_reused_and_is_free_once_deleted() {
     let (_, old) = gw
         .api(Method::GET, &format!("/v1/sandboxes/{id}"), None)
         .await;
-    assert_eq!((&old["status"], &old["name"]), (&json!("stopped"), &json!("job-42")));
+    assert_eq!(
+        (&old["status"], &old["name"]),
+        (&json!("stopped"), &json!("job-42"))
+    );
 }
 
 #[tokio::test]
@@ -117,8 +123,14 @@ async fn one_name_under_two_owners_is_two_sandboxes_and_each_sees_its_own() {
     let (status, again) = create(&gw, &b, upstream(json!({"name": "web", "reuse": true}))).await;
     assert_eq!(status, StatusCode::OK, "{again}");
     assert_eq!(again["id"], sb["id"]);
-    assert_eq!(listed(&gw, &a, "?name=web").await, [sa["id"].as_str().unwrap()]);
-    assert_eq!(listed(&gw, &b, "?name=web").await, [sb["id"].as_str().unwrap()]);
+    assert_eq!(
+        listed(&gw, &a, "?name=web").await,
+        [sa["id"].as_str().unwrap()]
+    );
+    assert_eq!(
+        listed(&gw, &b, "?name=web").await,
+        [sb["id"].as_str().unwrap()]
+    );
     // An admin sees both.
     assert_eq!(listed(&gw, &gw.admin_key, "?name=web").await.len(), 2);
 }
@@ -139,9 +151,15 @@ async fn concurrent_creates_with_one_name_have_one_winner() {
             .find(|(s, _)| *s == StatusCode::CREATED)
             .map(|(_, v)| v["id"].as_str().unwrap().to_owned())
             .unwrap();
-        let (_, loser) = results.iter().find(|(s, _)| *s == StatusCode::CONFLICT).unwrap();
+        let (_, loser) = results
+            .iter()
+            .find(|(s, _)| *s == StatusCode::CONFLICT)
+            .unwrap();
         let message = loser["error"]["message"].as_str().unwrap();
-        assert!(message.contains(&winner), "the 409 names the winner: {message}");
+        assert!(
+            message.contains(&winner),
+            "the 409 names the winner: {message}"
+        );
         assert_eq!(listed(&gw, &key, &format!("?name={name}")).await, [winner]);
     }
     // Many at once, with reuse: one creates, every other gets that same sandbox.
@@ -162,9 +180,11 @@ async fn concurrent_creates_with_one_name_have_one_winner() {
 
 #[tokio::test]
 async fn a_command_sandbox_frees_its_name_when_it_ends() {
-    let gw = TestGateway::start_with("[orchestrator]\nisolation = \"none\"\ngrace_secs = 1\n").await;
+    let gw =
+        TestGateway::start_with("[orchestrator]\nisolation = \"none\"\ngrace_secs = 1\n").await;
     let key = gw.admin_key.clone();
-    let body = json!({"command": ["sh", "-c", "sleep 1; exit 3"], "ports": [8000], "name": "build"});
+    let body =
+        json!({"command": ["sh", "-c", "sleep 1; exit 3"], "ports": [8000], "name": "build"});
     let (status, first) = create(&gw, &key, body.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{first}");
     let id = first["id"].as_str().unwrap().to_owned();
@@ -209,7 +229,9 @@ async fn tags_filter_the_list_and_patch_replaces_them() {
     assert_eq!(listed(&gw, &a, "?tag=env=prod").await, ids[..2]);
     // Repeated: every one must match.
     assert_eq!(listed(&gw, &a, "?tag=env=prod&tag=team=ml").await, ids[..1]);
-    assert!(listed(&gw, &a, "?tag=env=prod&tag=team=none").await.is_empty());
+    assert!(listed(&gw, &a, "?tag=env=prod&tag=team=none")
+        .await
+        .is_empty());
     // Values are matched exactly, after URL decoding.
     assert_eq!(
         listed(&gw, &a, "?tag=app.example%2Fx_y-z=a%3Db%20c%26d").await,
@@ -217,12 +239,20 @@ async fn tags_filter_the_list_and_patch_replaces_them() {
     );
     assert!(listed(&gw, &a, "?tag=env=pro").await.is_empty());
     // The other owner's prod sandbox is in neither list of the other.
-    assert_eq!(listed(&gw, &b, "?tag=env=prod").await, [other["id"].as_str().unwrap()]);
+    assert_eq!(
+        listed(&gw, &b, "?tag=env=prod").await,
+        [other["id"].as_str().unwrap()]
+    );
 
     // PATCH replaces the whole set.
     let path = format!("/v1/sandboxes/{}", ids[0]);
     let (status, v) = gw
-        .api_as(&a, Method::PATCH, &path, Some(json!({"tags": {"stage": "2"}})))
+        .api_as(
+            &a,
+            Method::PATCH,
+            &path,
+            Some(json!({"tags": {"stage": "2"}})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["tags"], json!({"stage": "2"}));
@@ -236,18 +266,34 @@ async fn tags_filter_the_list_and_patch_replaces_them() {
         .api_as(&b, Method::PATCH, &path, Some(json!({"tags": {}})))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
-    assert_eq!(gw.api_as(&a, Method::GET, &path, None).await.1["tags"], json!({"stage": "2"}));
+    assert_eq!(
+        gw.api_as(&a, Method::GET, &path, None).await.1["tags"],
+        json!({"stage": "2"})
+    );
     let (status, _) = gw
-        .api_as(&a, Method::PATCH, "/v1/sandboxes/sbxnosuchsandbox0000", Some(json!({"tags": {}})))
+        .api_as(
+            &a,
+            Method::PATCH,
+            "/v1/sandboxes/sbxnosuchsandbox0000",
+            Some(json!({"tags": {}})),
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // Only `tags` may be patched; a read-only credential may not patch at all.
     let (status, v) = gw
-        .api_as(&a, Method::PATCH, &path, Some(json!({"tags": {}, "name": "x"})))
+        .api_as(
+            &a,
+            Method::PATCH,
+            &path,
+            Some(json!({"tags": {}, "name": "x"})),
+        )
         .await;
     let msg = invalid(status, &v);
-    assert!(msg.contains("unknown field") && msg.contains("tags"), "{msg}");
+    assert!(
+        msg.contains("unknown field") && msg.contains("tags"),
+        "{msg}"
+    );
     let (status, v) = gw.api_as(&a, Method::PATCH, &path, Some(json!({}))).await;
     assert!(invalid(status, &v).contains("tags"));
     let (_, reader) =
@@ -259,9 +305,17 @@ async fn tags_filter_the_list_and_patch_replaces_them() {
     // An ended sandbox may still be relabelled.
     gw.api_as(&a, Method::DELETE, &path, None).await;
     let (status, v) = gw
-        .api_as(&a, Method::PATCH, &path, Some(json!({"tags": {"done": "yes"}})))
+        .api_as(
+            &a,
+            Method::PATCH,
+            &path,
+            Some(json!({"tags": {"done": "yes"}})),
+        )
         .await;
-    assert_eq!((status, &v["tags"]), (StatusCode::OK, &json!({"done": "yes"})));
+    assert_eq!(
+        (status, &v["tags"]),
+        (StatusCode::OK, &json!({"done": "yes"}))
+    );
 }
 
 #[tokio::test]
@@ -269,7 +323,15 @@ async fn bad_names_tags_and_filters_are_refused_naming_the_field() {
     let gw = TestGateway::start().await;
     let key = gw.admin_key.clone();
     let long = "a".repeat(64);
-    for name in [json!(""), json!("Web"), json!("a_b"), json!("a.b"), json!(long), json!("ü"), json!(7)] {
+    for name in [
+        json!(""),
+        json!("Web"),
+        json!("a_b"),
+        json!("a.b"),
+        json!(long),
+        json!("ü"),
+        json!(7),
+    ] {
         let (status, v) = create(&gw, &key, upstream(json!({"name": name}))).await;
         assert!(invalid(status, &v).contains("name"), "{name}: {v}");
     }
@@ -293,19 +355,29 @@ async fn bad_names_tags_and_filters_are_refused_naming_the_field() {
         let msg = invalid(status, &v);
         assert!(msg.contains("tags keys"), "{tags}: {msg}");
     }
-    let (status, v) = create(&gw, &key, upstream(json!({"tags": {"big": "v".repeat(257)}}))).await;
+    let (status, v) = create(
+        &gw,
+        &key,
+        upstream(json!({"tags": {"big": "v".repeat(257)}})),
+    )
+    .await;
     assert!(invalid(status, &v).contains("tags.big"), "{v}");
     let (status, v) = create(&gw, &key, upstream(json!({"tags": {"n": null}}))).await;
     assert!(invalid(status, &v).contains("tags"), "{v}");
     let (status, v) = create(&gw, &key, upstream(json!({"tags": ["a"]}))).await;
     assert!(invalid(status, &v).contains("tags"), "{v}");
-    let at_limit: serde_json::Map<String, Value> =
-        (0..32).map(|i| (format!("k{i}"), json!("ü".repeat(256)))).collect();
+    let at_limit: serde_json::Map<String, Value> = (0..32)
+        .map(|i| (format!("k{i}"), json!("ü".repeat(256))))
+        .collect();
     let (status, v) = create(&gw, &key, upstream(json!({"tags": at_limit}))).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     let path = format!("/v1/sandboxes/{}", v["id"].as_str().unwrap());
     let (status, v) = gw
-        .api(Method::PATCH, &path, Some(json!({"tags": {"bad key": "v"}})))
+        .api(
+            Method::PATCH,
+            &path,
+            Some(json!({"tags": {"bad key": "v"}})),
+        )
         .await;
     assert!(invalid(status, &v).contains("tags"), "{v}");
 
@@ -331,6 +403,8 @@ async fn bad_names_tags_and_filters_are_refused_naming_the_field() {
         assert!(invalid(status, &v).contains(field), "{query}: {v}");
     }
     let big = format!("?tag=k={}", "v".repeat(257));
-    let (status, v) = gw.api(Method::GET, &format!("/v1/sandboxes{big}"), None).await;
+    let (status, v) = gw
+        .api(Method::GET, &format!("/v1/sandboxes{big}"), None)
+        .await;
     assert!(invalid(status, &v).contains("tag.k"), "{v}");
 }

@@ -43,7 +43,8 @@ use super::columns::{
 };
 use super::{
     AuditEvent, Change, CredentialRecord, IssuedToken, NodeRecord, SandboxFilter, SandboxRecord,
-    SandboxStatus, Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY, EXPIRED_TOKEN_GRACE_SECS,
+    SandboxStatus, Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY,
+    EXPIRED_TOKEN_GRACE_SECS,
 };
 use crate::credential::SecretHash;
 
