@@ -79,7 +79,7 @@ async fn a_live_name_conflicts_or_is_reused_and_is_free_once_deleted() {
         .api(Method::GET, &format!("/v1/sandboxes/{id}"), None)
         .await;
     assert_eq!(reused, got);
-    assert_eq!(listed(&gw, &key, "").await, [id.clone()]);
+    assert_eq!(listed(&gw, &key, "").await, std::slice::from_ref(&id));
 
     // Once it ended, the name is free; the ended sandbox keeps it.
     let (status, _) = gw
