@@ -790,6 +790,8 @@ async fn create_sandbox(
                 return name_taken(&existing, body.reuse);
             }
         }
+        // `Err(Ok(_))` is a store error (a taken name among them), `Err(Err(_))` any other
+        // failure, answered as it is.
         let started = match &gw.driver {
             Some(driver) if record.command.is_some() => {
                 driver.start(record.clone()).await.map_err(|e| match e {
