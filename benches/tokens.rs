@@ -118,6 +118,8 @@ fn record(id: String, port: u16) -> SandboxRecord {
         node: None,
         detail: None,
         process: Default::default(),
+        name: None,
+        tags: BTreeMap::new(),
     }
 }
 

@@ -24,7 +24,9 @@ use crate::error::HttpError;
 use crate::gateway::Gateway;
 use crate::proxy::ClientAddr;
 use crate::sandbox;
-use crate::store::{CredentialRecord, IssuedToken, SandboxRecord, SandboxStatus};
+use crate::store::{
+    CredentialRecord, IssuedToken, SandboxFilter, SandboxRecord, SandboxStatus, StoreError,
+};
 use crate::token::IssueRequest;
 use crate::unix_now;
 
@@ -45,7 +47,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route(
             "/v1/sandboxes/{id}",
-            get(get_sandbox).delete(delete_sandbox),
+            get(get_sandbox).delete(delete_sandbox).patch(patch_sandbox),
         )
         .route("/v1/sandboxes/{id}/connect-tokens", post(create_token))
         .route("/v1/sandboxes/{id}/exec", post(exec))
@@ -474,6 +476,47 @@ struct CreateSandbox {
     /// Taken as any JSON value so that a string, a fraction or a negative number is refused
     /// with a message naming the field (serde's own would not).
     idle_timeout_secs: Option<serde_json::Value>,
+    /// Unique among the caller's live sandboxes (see [`check_name`]).
+    #[serde(default, deserialize_with = "name_field")]
+    name: Option<String>,
+    /// With `name`: answer a live sandbox of that name with 200 and that sandbox, not 409.
+    #[serde(default)]
+    reuse: bool,
+    #[serde(default, deserialize_with = "tags_field")]
+    tags: BTreeMap<String, String>,
+}
+
+/// `PATCH /v1/sandboxes/{id}`: what may change after creation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchSandbox {
+    /// Replaces every tag.
+    #[serde(default, deserialize_with = "some_tags_field")]
+    tags: Option<BTreeMap<String, String>>,
+}
+
+/// `name` of the wrong JSON type: a message naming the field (serde's alone names only types).
+/// Examples are in backticks: [`redact_json_error`] hides whatever is in double quotes.
+fn name_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("name must be a string such as `job-42`"))
+}
+
+/// `tags` of the wrong JSON shape: a message naming the field.
+fn tags_field<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    BTreeMap::<String, String>::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "tags must be an object whose values are strings (such as `env`: `prod`)",
+        )
+    })
+}
+
+fn some_tags_field<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    tags_field(d).map(Some)
 }
 
 /// The longest `idle_timeout_secs`: a week.
@@ -508,6 +551,8 @@ struct SandboxView {
     isolation: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     idle_timeout_secs: Option<u64>,
+    name: Option<String>,
+    tags: BTreeMap<String, String>,
 }
 
 impl SandboxView {
@@ -527,8 +572,75 @@ impl SandboxView {
             detail: s.detail.clone(),
             isolation: s.process.isolation.clone(),
             idle_timeout_secs: s.process.idle_timeout_secs,
+            name: s.name.clone(),
+            tags: s.tags.clone(),
         }
     }
+}
+
+/// Longest sandbox name and tag key: a DNS label's length.
+const MAX_NAME_LEN: usize = 63;
+/// Most tags on one sandbox (and tag filters in one list request).
+const MAX_TAGS: usize = 32;
+/// Longest tag value, in characters.
+const MAX_TAG_VALUE_CHARS: usize = 256;
+
+/// A sandbox name: 1–63 of `[a-z0-9-]`, in a creation body or a `?name=` filter alike.
+fn check_name(name: &str) -> Result<(), HttpError> {
+    let ok = (1..=MAX_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(HttpError::invalid_argument(
+            "name must be 1-63 characters of a-z, 0-9 and - (such as \"job-42\")",
+        ))
+    }
+}
+
+/// One tag. `field` is what the message names: `tags` in a body, `tag` in a list filter. An
+/// invalid key is not echoed (errors never repeat what was sent); a valid one is, to say which
+/// value is wrong.
+fn check_tag(field: &str, key: &str, value: &str) -> Result<(), HttpError> {
+    let key_ok = (1..=MAX_NAME_LEN).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'));
+    if !key_ok {
+        return Err(HttpError::invalid_argument(format!(
+            "{field} keys must be 1-63 characters of A-Z, a-z, 0-9 and . _ / - (such as \"team\" or \"app.example/env\")"
+        )));
+    }
+    if value.chars().count() > MAX_TAG_VALUE_CHARS || value.contains('\0') {
+        return Err(HttpError::invalid_argument(format!(
+            "{field}.{key} must be at most {MAX_TAG_VALUE_CHARS} characters, without NUL"
+        )));
+    }
+    Ok(())
+}
+
+/// A sandbox's `tags`: at most 32, each as [`check_tag`] says.
+fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), HttpError> {
+    if tags.len() > MAX_TAGS {
+        return Err(HttpError::invalid_argument(format!(
+            "tags may hold at most {MAX_TAGS} entries"
+        )));
+    }
+    tags.iter().try_for_each(|(k, v)| check_tag("tags", k, v))
+}
+
+/// The answer to a create whose `name` a live sandbox of the caller already has.
+fn name_taken(existing: &SandboxRecord, reuse: bool) -> Result<Response, HttpError> {
+    if reuse {
+        return Ok((StatusCode::OK, Json(SandboxView::of(existing))).into_response());
+    }
+    Err(HttpError::conflict(format!(
+        "the live sandbox {} is already named `{}`; send \"reuse\": true to get it, or delete it first",
+        existing.id,
+        existing.name.as_deref().unwrap_or_default()
+    )))
 }
 
 async fn create_sandbox(
@@ -537,6 +649,14 @@ async fn create_sandbox(
     ApiJson(body): ApiJson<CreateSandbox>,
 ) -> Result<Response, HttpError> {
     caller.require(Scope::SandboxesWrite)?;
+    if let Some(name) = &body.name {
+        check_name(name)?;
+    } else if body.reuse {
+        return Err(HttpError::invalid_argument(
+            "reuse needs a name: it returns the live sandbox of that name",
+        ));
+    }
+    check_tags(&body.tags)?;
     let upstream = match (&body.command, &body.upstream) {
         (Some(_), Some(_)) => {
             return Err(HttpError::invalid_argument(
@@ -665,31 +785,61 @@ async fn create_sandbox(
         node: None,
         detail: None,
         process: Default::default(),
+        name: body.name,
+        tags: body.tags,
     };
-    match &gw.driver {
-        Some(driver) if record.command.is_some() => {
-            if gw.config.store.url.is_some() {
-                // Other nodes reach this node's sandboxes over the private network.
-                record.upstream = Some(gw.config.cluster.advertise_addr.clone());
-            }
-            let defaults = driver.default_limits();
-            record.process.memory_mb = body.memory_mb.or(defaults.memory_mb);
-            record.process.cpu_secs = body.cpu_secs.or(defaults.cpu_secs);
-            record.process.max_processes = body.max_processes.or(defaults.max_processes);
-            record.process.max_open_files = body.max_open_files.or(defaults.max_open_files);
-            record.process.cpu_millis = body
-                .cpus
-                .map(|c| (c * 1000.0).round().max(1.0) as u64)
-                .or(defaults.cpu_millis);
-            record.process.egress = egress;
-            record.process.idle_timeout_secs = idle_timeout_secs;
-            record = driver.start(record).await.map_err(driver_error)?;
+    if let (Some(driver), Some(_)) = (&gw.driver, &record.command) {
+        if gw.config.store.url.is_some() {
+            // Other nodes reach this node's sandboxes over the private network.
+            record.upstream = Some(gw.config.cluster.advertise_addr.clone());
         }
-        _ => {
-            gw.store.insert_sandbox(&record).await?;
-            gw.routes.upsert(&record);
-        }
+        let defaults = driver.default_limits();
+        record.process.memory_mb = body.memory_mb.or(defaults.memory_mb);
+        record.process.cpu_secs = body.cpu_secs.or(defaults.cpu_secs);
+        record.process.max_processes = body.max_processes.or(defaults.max_processes);
+        record.process.max_open_files = body.max_open_files.or(defaults.max_open_files);
+        record.process.cpu_millis = body
+            .cpus
+            .map(|c| (c * 1000.0).round().max(1.0) as u64)
+            .or(defaults.cpu_millis);
+        record.process.egress = egress;
+        record.process.idle_timeout_secs = idle_timeout_secs;
     }
+    // The look-up answers a taken name before a process is started for nothing; the store's
+    // check at insert is what makes it race-free (of two creates with one name, one inserts,
+    // and the other comes back here to find the winner). Should the name be freed and taken
+    // again between the two, look again, a few times.
+    let mut tries = 0;
+    let record = loop {
+        if let Some(name) = &record.name {
+            if let Some(existing) = gw.store.live_sandbox_named(&record.owner, name).await? {
+                return name_taken(&existing, body.reuse);
+            }
+        }
+        // `Err(Ok(_))` is a store error (a taken name among them), `Err(Err(_))` any other
+        // failure, answered as it is.
+        let started = match &gw.driver {
+            Some(driver) if record.command.is_some() => {
+                driver.start(record.clone()).await.map_err(|e| match e {
+                    crate::sandbox::process::DriverError::Store(e) => Ok(e),
+                    other => Err(driver_error(other)),
+                })
+            }
+            _ => match gw.store.insert_sandbox(&record).await {
+                Ok(()) => {
+                    gw.routes.upsert(&record);
+                    Ok(record.clone())
+                }
+                Err(e) => Err(Ok(e)),
+            },
+        };
+        match started {
+            Ok(started) => break started,
+            Err(Ok(StoreError::NameInUse(_))) if tries < 3 => tries += 1,
+            Err(Ok(e)) => return Err(e.into()),
+            Err(Err(e)) => return Err(e),
+        }
+    };
     gw.audit(
         &caller.credential.id,
         "sandbox.create",
@@ -884,17 +1034,54 @@ fn validate_origin(o: &str) -> Result<(), HttpError> {
     }
 }
 
+/// `GET /v1/sandboxes[?name=N][&tag=k=v...]`: the caller's sandboxes (every one for an admin),
+/// ended ones included, oldest first; with filters, only those with that name and every tag.
 async fn list_sandboxes(
     State(gw): State<AppState>,
     caller: Caller,
+    query: axum::extract::RawQuery,
 ) -> Result<Json<Items<SandboxView>>, HttpError> {
     caller.require(Scope::SandboxesRead)?;
+    let mut filter = SandboxFilter {
+        owner: (!caller.is_admin()).then(|| caller.credential.id.clone()),
+        ..SandboxFilter::default()
+    };
+    for (key, value) in url::form_urlencoded::parse(query.0.as_deref().unwrap_or("").as_bytes()) {
+        match &*key {
+            "name" if filter.name.is_some() => {
+                return Err(HttpError::invalid_argument("name may be given only once"));
+            }
+            "name" => {
+                check_name(&value)?;
+                filter.name = Some(value.into_owned());
+            }
+            "tag" => {
+                let Some((k, v)) = value.split_once('=') else {
+                    return Err(HttpError::invalid_argument(
+                        "tag must be key=value, such as tag=env=prod",
+                    ));
+                };
+                check_tag("tag", k, v)?;
+                filter.tags.push((k.to_owned(), v.to_owned()));
+                if filter.tags.len() > MAX_TAGS {
+                    return Err(HttpError::invalid_argument(format!(
+                        "tag may be given at most {MAX_TAGS} times"
+                    )));
+                }
+            }
+            // The name is not echoed: errors never repeat what was sent.
+            _ => {
+                return Err(HttpError::invalid_argument(
+                    "unknown query parameter; filter with name=N and tag=key=value",
+                ));
+            }
+        }
+    }
     let items = gw
         .store
-        .sandboxes()
+        .find_sandboxes(&filter)
         .await?
         .iter()
-        .filter(|s| caller.owns(s))
         .map(SandboxView::of)
         .collect();
     Ok(Json(Items { items }))
@@ -918,6 +1105,36 @@ async fn get_sandbox(
 ) -> Result<Json<SandboxView>, HttpError> {
     caller.require(Scope::SandboxesRead)?;
     let s = owned_sandbox(&gw, &caller, &id).await?;
+    Ok(Json(SandboxView::of(&s)))
+}
+
+/// `PATCH /v1/sandboxes/{id}` `{"tags": {...}}`: replaces the tags, live or ended sandbox alike.
+async fn patch_sandbox(
+    State(gw): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PatchSandbox>,
+) -> Result<Json<SandboxView>, HttpError> {
+    caller.require(Scope::SandboxesWrite)?;
+    let Some(tags) = body.tags else {
+        return Err(HttpError::invalid_argument(
+            "send {\"tags\": {...}}: tags are what PATCH changes",
+        ));
+    };
+    check_tags(&tags)?;
+    owned_sandbox(&gw, &caller, &id).await?;
+    match gw.store.set_sandbox_tags(&id, &tags).await {
+        Err(StoreError::NotFound) => return Err(HttpError::not_found("no such sandbox")),
+        other => other?,
+    }
+    let s = owned_sandbox(&gw, &caller, &id).await?;
+    gw.audit(
+        &caller.credential.id,
+        "sandbox.tag",
+        &id,
+        caller.client_addr,
+    )
+    .await;
     Ok(Json(SandboxView::of(&s)))
 }
 

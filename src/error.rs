@@ -299,6 +299,9 @@ impl From<StoreError> for HttpError {
         match err {
             StoreError::NotFound => HttpError::not_found("no such object"),
             StoreError::Conflict(what) => HttpError::conflict(what),
+            StoreError::NameInUse(name) => HttpError::conflict(format!(
+                "a live sandbox is already named `{name}`; delete it, or send \"reuse\": true to get it"
+            )),
             other => {
                 tracing::error!(error = %other, "store operation failed");
                 HttpError::unavailable("the gateway's store is unavailable; retry shortly")

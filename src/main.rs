@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use http::Method;
+use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use sandgate::client::{ApiClient, ApiResponse};
@@ -133,7 +133,7 @@ enum SandboxCommand {
     /// Create a sandbox: run a command (after `--`), or register a service run elsewhere
     /// (`--upstream`).
     #[command(
-        after_help = "Examples:\n  sandgate sandbox create --port 8000 --wait --open-port 8000 -- sh -c 'exec python3 -m http.server $PORT'\n  sandgate sandbox create --upstream 10.0.3.7 --port 8888"
+        after_help = "Examples:\n  sandgate sandbox create --port 8000 --wait --open-port 8000 -- sh -c 'exec python3 -m http.server $PORT'\n  sandgate sandbox create --upstream 10.0.3.7 --port 8888\n  sandgate sandbox create --name job-42 --reuse --tag team=ml --port 8000 -- python3 -m http.server 8000"
     )]
     Create {
         /// Host of a service run elsewhere (e.g. 127.0.0.1); port P is reached at HOST:P.
@@ -180,12 +180,41 @@ enum SandboxCommand {
         /// Metadata as a JSON object.
         #[arg(long)]
         metadata: Option<String>,
+        /// A name (1-63 of a-z, 0-9, -), unique among your live sandboxes.
+        #[arg(long)]
+        name: Option<String>,
+        /// With --name: if a live sandbox has that name, print it instead of failing.
+        #[arg(long, requires = "name")]
+        reuse: bool,
+        /// A tag, KEY=VALUE (repeat, at most 32).
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
     },
     /// List live sandboxes (starting or running); --all adds ended ones.
     List {
         /// Also show stopped, failed and lost sandboxes.
         #[arg(long)]
         all: bool,
+        /// Only the sandboxes with this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only the sandboxes with this tag, KEY=VALUE (repeat: all must match).
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+    },
+    /// Replace a sandbox's tags.
+    #[command(
+        after_help = "Examples:\n  sandgate sandbox tag sbx123 team=ml stage=2\n  sandgate sandbox tag sbx123 --clear"
+    )]
+    Tag {
+        /// Sandbox id.
+        id: String,
+        /// The new tags, KEY=VALUE; every tag not listed is removed.
+        #[arg(value_parser = parse_tag, required_unless_present = "clear")]
+        tags: Vec<(String, String)>,
+        /// Remove every tag.
+        #[arg(long, conflicts_with = "tags")]
+        clear: bool,
     },
     /// Show one sandbox.
     Get {
@@ -603,6 +632,9 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
             rewrite_host,
             timeout,
             metadata,
+            name,
+            reuse,
+            tags,
         } => {
             let mut body = json!({
                 "ports": ports,
@@ -636,9 +668,22 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
             if let Some(m) = metadata {
                 body["metadata"] = parse_json_object(m, "--metadata")?;
             }
+            if let Some(name) = name {
+                body["name"] = json!(name);
+                body["reuse"] = json!(reuse);
+            }
+            if !tags.is_empty() {
+                body["tags"] = json!(tag_map(tags)?);
+            }
             let r = client
                 .call(Method::POST, "/v1/sandboxes", Some(&body))
                 .await?;
+            if r.status == StatusCode::OK && !api.json {
+                eprintln!(
+                    "reusing the live sandbox named {}",
+                    name.as_deref().unwrap_or_default()
+                );
+            }
             if *wait && r.status.is_success() {
                 let id = r.json()?["id"].as_str().unwrap_or_default().to_string();
                 return wait_running(&api, &client, &id, *open_port).await;
@@ -690,8 +735,21 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
             );
             return stream_logs(&api, &client, &path).await;
         }
-        SandboxCommand::List { all } => {
-            let r = client.call(Method::GET, "/v1/sandboxes", None).await?;
+        SandboxCommand::List { all, name, tags } => {
+            let mut query = url::form_urlencoded::Serializer::new(String::new());
+            if let Some(name) = name {
+                query.append_pair("name", name);
+            }
+            for (k, v) in tags {
+                query.append_pair("tag", &format!("{k}={v}"));
+            }
+            let query = query.finish();
+            let path = if query.is_empty() {
+                "/v1/sandboxes".to_owned()
+            } else {
+                format!("/v1/sandboxes?{query}")
+            };
+            let r = client.call(Method::GET, &path, None).await?;
             if *all {
                 r
             } else {
@@ -716,17 +774,29 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
                 )
                 .await?
         }
+        SandboxCommand::Tag { id, tags, .. } => {
+            let body = json!({ "tags": tag_map(tags)? });
+            client
+                .call(
+                    Method::PATCH,
+                    &format!("/v1/sandboxes/{}", path_segment(id)?),
+                    Some(&body),
+                )
+                .await?
+        }
     };
     finish(&api, r, |v| match command {
         SandboxCommand::List { .. } => table(
-            &["ID", "STATUS", "PORTS", "OWNER", "CREATED"],
+            &["ID", "NAME", "STATUS", "PORTS", "TAGS", "OWNER", "CREATED"],
             items(v)
                 .iter()
                 .map(|s| {
                     vec![
                         self::s(s, "id"),
+                        self::s(s, "name"),
                         self::s(s, "status"),
                         ports(s),
+                        tags_text(s),
                         self::s(s, "owner"),
                         self::s(s, "created_at"),
                     ]
@@ -734,6 +804,7 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
                 .collect(),
         ),
         SandboxCommand::Rm { id } => println!("Terminated {id}"),
+        SandboxCommand::Tag { id, .. } => println!("Tagged {id}: {}", tags_text(v)),
         SandboxCommand::Exec { .. } | SandboxCommand::Logs { .. } => {}
         SandboxCommand::Create { .. } => println!("{}", s(v, "id")),
         SandboxCommand::Get { .. } => {
@@ -745,10 +816,12 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
                 "expires_at",
                 "ended_at",
                 "upstream",
+                "name",
             ] {
                 println!("{key:<11} {}", s(v, key));
             }
             println!("{:<11} {}", "ports", ports(v));
+            println!("{:<11} {}", "tags", tags_text(v));
         }
     })
 }
@@ -965,6 +1038,43 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
         .filter(|(k, _)| !k.is_empty())
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
+}
+
+fn parse_tag(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{text}` is not KEY=VALUE (such as team=ml)"))
+}
+
+/// `--tag` pairs as the API's `tags` object; a key given twice is a mistake, not a last-wins.
+fn tag_map(
+    tags: &[(String, String)],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut map = std::collections::BTreeMap::new();
+    for (k, v) in tags {
+        if map.insert(k.clone(), v.clone()).is_some() {
+            bail!("tag `{k}` is given twice; give each key once");
+        }
+    }
+    Ok(map)
+}
+
+/// A sandbox's tags as `k=v,k2=v2` (`-` for none).
+fn tags_text(v: &Value) -> String {
+    let tags: Vec<String> = v["tags"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if tags.is_empty() {
+        "-".to_owned()
+    } else {
+        tags.join(",")
+    }
 }
 
 /// Keeps the live sandboxes (starting or running) of a successful list answer.

@@ -346,6 +346,8 @@ mod tests {
             node: None,
             detail: None,
             process: Default::default(),
+            name: None,
+            tags: BTreeMap::new(),
         }
     }
 

@@ -204,6 +204,45 @@ pub struct SandboxRecord {
     pub detail: Option<String>,
     /// Process sandboxes: the process group and the resource limits it runs under.
     pub process: ProcessInfo,
+    /// The caller's handle for it (1–63 of `[a-z0-9-]`, checked by the API): unique among the
+    /// owner's live sandboxes, so that a redelivered job finds the sandbox it made. The store
+    /// enforces that on insert ([`StoreError::NameInUse`]); an ended sandbox keeps its name,
+    /// which is then free for a new one. Fixed at creation: [`Store::update_sandbox`] keeps it.
+    pub name: Option<String>,
+    /// The caller's labels to find sandboxes by. Only [`Store::set_sandbox_tags`] changes them,
+    /// so that a status update racing a PATCH cannot write old tags back.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Which sandboxes [`Store::find_sandboxes`] lists; every condition given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxFilter {
+    /// Only this credential's sandboxes (a non-admin caller's own).
+    pub owner: Option<String>,
+    /// Only sandboxes with this name, live or ended.
+    pub name: Option<String>,
+    /// Only sandboxes carrying every one of these `(key, value)` tags.
+    pub tags: Vec<(String, String)>,
+}
+
+impl SandboxFilter {
+    /// Whether `s` passes every condition: the reference every backend must agree with.
+    pub fn matches(&self, s: &SandboxRecord) -> bool {
+        self.owner.as_ref().is_none_or(|o| *o == s.owner)
+            && self
+                .name
+                .as_ref()
+                .is_none_or(|n| s.name.as_ref() == Some(n))
+            && self.has_tags(s)
+    }
+
+    /// Whether `s` carries every tag asked for. The backends narrow by owner and name in SQL
+    /// (plain, indexed columns) and check tags, kept as JSON text, with this.
+    pub fn has_tags(&self, s: &SandboxRecord) -> bool {
+        self.tags
+            .iter()
+            .all(|(k, v)| s.tags.get(k).is_some_and(|have| have == v))
+    }
 }
 
 /// What the process driver needs to remember about a `command` sandbox.
@@ -266,6 +305,8 @@ impl fmt::Debug for SandboxRecord {
             .field("host_ports", &self.host_ports)
             .field("node", &self.node)
             .field("detail", &self.detail)
+            .field("name", &self.name)
+            .field("tags", &self.tags)
             .finish()
     }
 }
@@ -364,6 +405,10 @@ pub enum StoreError {
     /// message names what collided, not any secret.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// [`Store::insert_sandbox`]: a live sandbox of the same owner already has this name (the
+    /// caller looks it up with [`Store::live_sandbox_named`]).
+    #[error("a live sandbox already has the name {0}")]
+    NameInUse(String),
     /// The backend cannot serve the request right now (locked or busy past the timeout, I/O
     /// error, disk full, connection lost). Retrying later may succeed; maps to 503.
     #[error("store unavailable")]
@@ -444,14 +489,37 @@ pub trait Store: Send + Sync + 'static {
     /// first revocation time is kept).
     async fn revoke_credential(&self, id: &str, at: i64) -> Result<bool, StoreError>;
 
-    /// Adds a sandbox; [`StoreError::Conflict`] if the id exists.
+    /// Adds a sandbox; [`StoreError::Conflict`] if the id exists, [`StoreError::NameInUse`] if
+    /// it is live ([`SandboxStatus::is_live`]) and has the name of another live sandbox of the
+    /// same owner. Atomic across every gateway sharing the store: of racing inserts with one
+    /// name, one wins.
     async fn insert_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError>;
-    /// Replaces every field of the sandbox with `s.id`; [`StoreError::NotFound`] if absent.
+    /// Replaces every field of the sandbox with `s.id` but `name` and `tags`, which it keeps;
+    /// [`StoreError::NotFound`] if absent. A status that leaves the live ones frees the name.
     async fn update_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError>;
+    /// Replaces the tags of the sandbox `id` (and nothing else); [`StoreError::NotFound`] if
+    /// absent. Announced as [`Change::SandboxChanged`], like any other update.
+    async fn set_sandbox_tags(
+        &self,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError>;
     /// One sandbox by id.
     async fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError>;
+    /// The live sandbox of `owner` named `name`, if any (there is at most one).
+    async fn live_sandbox_named(
+        &self,
+        owner: &str,
+        name: &str,
+    ) -> Result<Option<SandboxRecord>, StoreError>;
     /// All sandboxes, ended ones included, oldest first (by `created_at`).
     async fn sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError>;
+    /// The sandboxes that `filter` matches ([`SandboxFilter::matches`]), ended ones included,
+    /// oldest first as [`Store::sandboxes`].
+    async fn find_sandboxes(
+        &self,
+        filter: &SandboxFilter,
+    ) -> Result<Vec<SandboxRecord>, StoreError>;
 
     /// Records that the token `jti` (expiring at `exp`) is revoked. Idempotent.
     async fn revoke_token(&self, jti: &str, exp: i64) -> Result<(), StoreError>;
@@ -581,6 +649,11 @@ pub(crate) mod conformance {
                 mark_node_lost_spares_a_node_that_heartbeated,
                 mark_node_lost_is_one_transition_under_races,
                 changes_are_announced_after_commit,
+                live_names_are_unique_per_owner,
+                a_name_is_free_once_its_sandbox_ends,
+                racing_inserts_of_one_name_have_one_winner,
+                tags_round_trip_and_are_replaced_alone,
+                find_sandboxes_filters_by_owner_name_and_every_tag,
             );
         };
         (@each $make:path; $($name:ident),* $(,)?) => {
@@ -639,6 +712,24 @@ pub(crate) mod conformance {
             node: Some("node-a".to_owned()),
             detail: None,
             process: ProcessInfo::default(),
+            name: None,
+            tags: BTreeMap::from([
+                ("team".to_owned(), "ml".to_owned()),
+                (
+                    "k8s.io/app-name_x".to_owned(),
+                    "ünïcode \"quoted\" =".to_owned(),
+                ),
+            ]),
+        }
+    }
+
+    /// A live sandbox of `owner` named `name`.
+    pub(crate) fn named(id: &str, owner: &str, name: &str, created_at: i64) -> SandboxRecord {
+        SandboxRecord {
+            owner: owner.to_owned(),
+            name: Some(name.to_owned()),
+            status: SandboxStatus::Running,
+            ..sandbox(id, created_at)
         }
     }
 
@@ -842,7 +933,10 @@ pub(crate) mod conformance {
     }
 
     pub(crate) async fn update_sandbox_replaces_every_field(store: &dyn Store) {
-        let original = sandbox("sbxupdate00000000000001", 100);
+        let original = SandboxRecord {
+            name: Some("keep-me".to_owned()),
+            ..sandbox("sbxupdate00000000000001", 100)
+        };
         let bystander = sandbox("sbxbystander00000000001", 50);
         store.insert_sandbox(&original).await.unwrap();
         store.insert_sandbox(&bystander).await.unwrap();
@@ -865,9 +959,17 @@ pub(crate) mod conformance {
             node: None,
             detail: Some("node node-a stopped answering".to_owned()),
             process: ProcessInfo::default(),
+            name: Some("other".to_owned()),
+            tags: BTreeMap::from([("stale".to_owned(), "copy".to_owned())]),
         };
         store.update_sandbox(&updated).await.unwrap();
-        assert_eq!(store.sandbox(&original.id).await.unwrap(), Some(updated));
+        // Every field but the name (fixed at creation) and the tags (`set_sandbox_tags`).
+        let expected = SandboxRecord {
+            name: original.name.clone(),
+            tags: original.tags.clone(),
+            ..updated
+        };
+        assert_eq!(store.sandbox(&original.id).await.unwrap(), Some(expected));
         assert_eq!(store.sandbox(&bystander.id).await.unwrap(), Some(bystander));
         assert_eq!(store.sandboxes().await.unwrap().len(), 2);
     }
@@ -1392,6 +1494,284 @@ pub(crate) mod conformance {
         assert!(ended.windows(2).all(|w| w[0] == w[1]), "{ended:?}");
     }
 
+    pub(crate) async fn live_names_are_unique_per_owner(store: &dyn Store) {
+        let web = named("sbxweb00000000000000001", "cred_a", "web", 10);
+        store.insert_sandbox(&web).await.unwrap();
+
+        // The same live name again, for the same owner: refused, whatever the rest says.
+        for status in [SandboxStatus::Starting, SandboxStatus::Running] {
+            let again = SandboxRecord {
+                status,
+                ..named("sbxweb00000000000000002", "cred_a", "web", 11)
+            };
+            let err = store.insert_sandbox(&again).await.unwrap_err();
+            assert!(
+                matches!(&err, StoreError::NameInUse(n) if n == "web"),
+                "{err:?}"
+            );
+        }
+        assert_eq!(
+            store.sandbox("sbxweb00000000000000002").await.unwrap(),
+            None
+        );
+        // A duplicate id is still a plain conflict, even with a taken name.
+        let err = store.insert_sandbox(&web).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+        // Another owner, another name, an ended sandbox, or no name at all: all fine.
+        let other_owner = named("sbxweb00000000000000003", "cred_b", "web", 12);
+        let other_name = named("sbxweb00000000000000004", "cred_a", "web-2", 13);
+        let ended = SandboxRecord {
+            status: SandboxStatus::Failed,
+            ended_at: Some(14),
+            ..named("sbxweb00000000000000005", "cred_a", "web", 14)
+        };
+        let unnamed = [
+            sandbox("sbxunnamed0000000000001", 15),
+            sandbox("sbxunnamed0000000000002", 16),
+        ];
+        for s in [&other_owner, &other_name, &ended, &unnamed[0], &unnamed[1]] {
+            store.insert_sandbox(s).await.unwrap();
+        }
+
+        assert_eq!(
+            store.live_sandbox_named("cred_a", "web").await.unwrap(),
+            Some(web.clone())
+        );
+        assert_eq!(
+            store.live_sandbox_named("cred_b", "web").await.unwrap(),
+            Some(other_owner)
+        );
+        assert_eq!(
+            store.live_sandbox_named("cred_c", "web").await.unwrap(),
+            None
+        );
+        assert_eq!(
+            store.live_sandbox_named("cred_a", "we").await.unwrap(),
+            None
+        );
+        assert_eq!(store.sandboxes().await.unwrap().len(), 6);
+    }
+
+    pub(crate) async fn a_name_is_free_once_its_sandbox_ends(store: &dyn Store) {
+        let first = named("sbxjob00000000000000001", "cred_a", "job-1", 10);
+        store.insert_sandbox(&first).await.unwrap();
+
+        // Ended through `update_sandbox` (a delete, an exit, a timeout): the name is free.
+        let stopped = SandboxRecord {
+            status: SandboxStatus::Stopped,
+            ended_at: Some(20),
+            name: None,
+            ..first.clone()
+        };
+        store.update_sandbox(&stopped).await.unwrap();
+        let kept = store.sandbox(&first.id).await.unwrap().unwrap();
+        assert_eq!(
+            kept.name.as_deref(),
+            Some("job-1"),
+            "an ended sandbox keeps its name"
+        );
+        assert_eq!(
+            store.live_sandbox_named("cred_a", "job-1").await.unwrap(),
+            None
+        );
+
+        let second = SandboxRecord {
+            node: Some("node-a".to_owned()),
+            ..named("sbxjob00000000000000002", "cred_a", "job-1", 30)
+        };
+        store.insert_sandbox(&second).await.unwrap();
+        assert_eq!(
+            store.live_sandbox_named("cred_a", "job-1").await.unwrap(),
+            Some(second.clone())
+        );
+
+        // Ended by its node being lost: free again.
+        store.heartbeat(&node("node-a", 100)).await.unwrap();
+        let lost = store.mark_node_lost("node-a", 150, 200).await.unwrap();
+        assert!(lost.contains(&second.id), "{lost:?}");
+        assert_eq!(
+            store.live_sandbox_named("cred_a", "job-1").await.unwrap(),
+            None
+        );
+        let third = named("sbxjob00000000000000003", "cred_a", "job-1", 300);
+        store.insert_sandbox(&third).await.unwrap();
+
+        let all = store
+            .find_sandboxes(&SandboxFilter {
+                name: Some("job-1".to_owned()),
+                ..SandboxFilter::default()
+            })
+            .await
+            .unwrap();
+        let ids: Vec<&str> = all.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, [&first.id, &second.id, &third.id]);
+    }
+
+    pub(crate) async fn racing_inserts_of_one_name_have_one_winner(store: &dyn Store) {
+        for round in 0..4 {
+            let records: Vec<SandboxRecord> = (0..12)
+                .map(|i| named(&format!("sbxrace{round}x{i:02}"), "cred_a", "one", i))
+                .collect();
+            let attempts = records.iter().map(|r| store.insert_sandbox(r));
+            let results = futures_util::future::join_all(attempts).await;
+            let mut won = Vec::new();
+            for (record, result) in records.iter().zip(results) {
+                match result {
+                    Ok(()) => won.push(record.clone()),
+                    Err(StoreError::NameInUse(name)) => assert_eq!(name, "one"),
+                    Err(e) => panic!("round {round}: unexpected {e:?}"),
+                }
+            }
+            assert_eq!(won.len(), 1, "round {round}");
+            assert_eq!(
+                store.live_sandbox_named("cred_a", "one").await.unwrap(),
+                Some(won[0].clone())
+            );
+            // End the winner, so that the next round races for a free name again.
+            store
+                .update_sandbox(&SandboxRecord {
+                    status: SandboxStatus::Stopped,
+                    ended_at: Some(99),
+                    ..won[0].clone()
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.sandboxes().await.unwrap().len(), 4);
+    }
+
+    pub(crate) async fn tags_round_trip_and_are_replaced_alone(store: &dyn Store) {
+        let s = sandbox("sbxtags0000000000000001", 10);
+        let bystander = sandbox("sbxtags0000000000000002", 11);
+        store.insert_sandbox(&s).await.unwrap();
+        store.insert_sandbox(&bystander).await.unwrap();
+        assert_eq!(store.sandbox(&s.id).await.unwrap().unwrap().tags, s.tags);
+
+        let tags: BTreeMap<String, String> = (0..32)
+            .map(|i| (format!("key.{i:02}/x-y_z"), "v".repeat(256)))
+            .chain([("empty".to_owned(), String::new())])
+            .collect();
+        store.set_sandbox_tags(&s.id, &tags).await.unwrap();
+        let read = store.sandbox(&s.id).await.unwrap().unwrap();
+        assert_eq!(
+            read,
+            SandboxRecord {
+                tags: tags.clone(),
+                ..s.clone()
+            }
+        );
+        assert_eq!(store.sandbox(&bystander.id).await.unwrap(), Some(bystander));
+
+        // A status update written from a copy read before the new tags keeps the new tags.
+        store
+            .update_sandbox(&SandboxRecord {
+                status: SandboxStatus::Stopped,
+                ..s.clone()
+            })
+            .await
+            .unwrap();
+        let read = store.sandbox(&s.id).await.unwrap().unwrap();
+        assert_eq!(read.status, SandboxStatus::Stopped);
+        assert_eq!(read.tags, tags);
+
+        store
+            .set_sandbox_tags(&s.id, &BTreeMap::new())
+            .await
+            .unwrap();
+        assert!(store.sandbox(&s.id).await.unwrap().unwrap().tags.is_empty());
+        let err = store
+            .set_sandbox_tags("sbxmissing", &tags)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    }
+
+    pub(crate) async fn find_sandboxes_filters_by_owner_name_and_every_tag(store: &dyn Store) {
+        let tagged =
+            |id: &str, owner: &str, created_at: i64, tags: &[(&str, &str)]| SandboxRecord {
+                owner: owner.to_owned(),
+                tags: tags
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                ..sandbox(id, created_at)
+            };
+        let a1 = SandboxRecord {
+            name: Some("alpha".to_owned()),
+            ..tagged("sbxfind01", "cred_a", 1, &[("env", "prod"), ("team", "ml")])
+        };
+        let a2 = tagged(
+            "sbxfind02",
+            "cred_a",
+            2,
+            &[("env", "prod"), ("team", "web")],
+        );
+        let a3 = tagged("sbxfind03", "cred_a", 3, &[("env", "dev")]);
+        let b1 = SandboxRecord {
+            name: Some("alpha".to_owned()),
+            ..tagged("sbxfind04", "cred_b", 4, &[("env", "prod"), ("team", "ml")])
+        };
+        // Inserted out of age order: results are oldest first all the same.
+        for s in [&b1, &a3, &a1, &a2] {
+            store.insert_sandbox(s).await.unwrap();
+        }
+        let find = |owner: Option<&str>, name: Option<&str>, tags: &[(&str, &str)]| {
+            let filter = SandboxFilter {
+                owner: owner.map(str::to_owned),
+                name: name.map(str::to_owned),
+                tags: tags
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            };
+            async move {
+                let found = store.find_sandboxes(&filter).await.unwrap();
+                let all = store.sandboxes().await.unwrap();
+                let reference: Vec<&SandboxRecord> =
+                    all.iter().filter(|s| filter.matches(s)).collect();
+                assert_eq!(found.iter().collect::<Vec<_>>(), reference, "{filter:?}");
+                found.into_iter().map(|s| s.id).collect::<Vec<String>>()
+            }
+        };
+        assert_eq!(
+            find(None, None, &[]).await,
+            ["sbxfind01", "sbxfind02", "sbxfind03", "sbxfind04"]
+        );
+        assert_eq!(
+            find(Some("cred_a"), None, &[]).await,
+            ["sbxfind01", "sbxfind02", "sbxfind03"]
+        );
+        assert!(find(Some("cred_none"), None, &[]).await.is_empty());
+        assert_eq!(
+            find(None, Some("alpha"), &[]).await,
+            ["sbxfind01", "sbxfind04"]
+        );
+        assert_eq!(
+            find(Some("cred_b"), Some("alpha"), &[]).await,
+            ["sbxfind04"]
+        );
+        assert!(find(None, Some("alph"), &[]).await.is_empty());
+        assert_eq!(
+            find(Some("cred_a"), None, &[("env", "prod")]).await,
+            ["sbxfind01", "sbxfind02"]
+        );
+        // Every tag must match (AND), by exact value.
+        assert_eq!(
+            find(Some("cred_a"), None, &[("env", "prod"), ("team", "ml")]).await,
+            ["sbxfind01"]
+        );
+        assert!(find(None, None, &[("env", "prod"), ("team", "none")])
+            .await
+            .is_empty());
+        assert!(find(None, None, &[("env", "pro")]).await.is_empty());
+        assert!(find(None, None, &[("missing", "")]).await.is_empty());
+        assert_eq!(
+            find(None, Some("alpha"), &[("team", "ml")]).await,
+            ["sbxfind01", "sbxfind04"]
+        );
+    }
+
     pub(crate) async fn changes_are_announced_after_commit(store: &dyn Store) {
         let mut rx = store
             .changes()
@@ -1421,6 +1801,14 @@ pub(crate) mod conformance {
             .unwrap();
         store
             .update_sandbox(&sandbox("sbxmissing", 1))
+            .await
+            .unwrap_err();
+        store
+            .set_sandbox_tags("sbxfeed", &BTreeMap::new())
+            .await
+            .unwrap();
+        store
+            .set_sandbox_tags("sbxmissing", &BTreeMap::new())
             .await
             .unwrap_err();
         store.revoke_token("jti-1", 500).await.unwrap();
@@ -1459,6 +1847,9 @@ pub(crate) mod conformance {
             Change::SigningKeyAdded { kid: "k1".into() },
             Change::CredentialRevoked {
                 id: "cred_a".into(),
+            },
+            Change::SandboxChanged {
+                id: "sbxfeed".into(),
             },
             Change::SandboxChanged {
                 id: "sbxfeed".into(),

@@ -678,6 +678,7 @@ async fn help_works_for_every_command() {
         &["sandbox", "rm"],
         &["sandbox", "exec"],
         &["sandbox", "logs"],
+        &["sandbox", "tag"],
         &["token"],
         &["token", "create"],
         &["token", "list"],
@@ -1091,4 +1092,97 @@ async fn keys_rotate_adds_a_signing_key() {
         "{}",
         out.stderr
     );
+}
+
+#[tokio::test]
+async fn sandboxes_are_named_tagged_filtered_and_retagged() {
+    let gw = TestGateway::start().await;
+    let cli = Cli::new(&gw);
+    let create = |extra: &'static [&'static str]| {
+        let mut args = vec![
+            "sandbox",
+            "create",
+            "--upstream",
+            "127.0.0.1",
+            "--port",
+            "9",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    let out = cli
+        .run(&create(&[
+            "--name", "job-7", "--tag", "team=ml", "--tag", "env=prod",
+        ]))
+        .await
+        .ok();
+    let id = out.stdout.trim().to_string();
+    assert!(is_id(&id), "{:?}", out.stdout);
+    let other = cli.run(&create(&["--tag", "team=web"])).await.ok();
+    let other = other.stdout.trim().to_string();
+
+    // The same live name: refused, naming the sandbox, unless --reuse.
+    let out = cli.run(&create(&["--name", "job-7"])).await;
+    assert_eq!(out.code, 6, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&id) && out.stderr.contains("conflict"),
+        "{}",
+        out.stderr
+    );
+    let out = cli.run(&create(&["--name", "job-7", "--reuse"])).await.ok();
+    assert_eq!(out.stdout.trim(), id, "reuse prints the existing id");
+    assert!(out.stderr.contains("reusing"), "{}", out.stderr);
+
+    let out = cli.run(&["sandbox", "list"]).await.ok();
+    let header = out.stdout.lines().next().unwrap();
+    assert!(
+        header.contains("NAME") && header.contains("TAGS"),
+        "{header}"
+    );
+    let row = out.stdout.lines().find(|l| l.starts_with(&id)).unwrap();
+    assert!(
+        row.contains("job-7") && row.contains("env=prod,team=ml"),
+        "{row}"
+    );
+    let out = cli
+        .run(&["sandbox", "list", "--tag", "team=ml", "--tag", "env=prod"])
+        .await
+        .ok();
+    assert!(
+        out.stdout.contains(&id) && !out.stdout.contains(&other),
+        "{}",
+        out.stdout
+    );
+    let out = cli
+        .run(&["sandbox", "list", "--name", "job-7", "--json"])
+        .await
+        .ok();
+    assert_eq!(out.json()["items"].as_array().unwrap().len(), 1);
+
+    let out = cli.run(&["sandbox", "tag", &id, "stage=2"]).await.ok();
+    assert!(out.stdout.contains("stage=2"), "{}", out.stdout);
+    let out = cli.run(&["sandbox", "get", &id]).await.ok();
+    assert_eq!(field(&out.stdout, "tags"), "stage=2");
+    assert_eq!(field(&out.stdout, "name"), "job-7");
+    cli.run(&["sandbox", "tag", &id, "--clear"]).await.ok();
+    let out = cli.run(&["sandbox", "get", &id]).await.ok();
+    assert_eq!(field(&out.stdout, "tags"), "-");
+
+    // Mistakes are caught with a message saying what is wrong.
+    let out = cli.run(&["sandbox", "tag", &id, "nokey"]).await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("KEY=VALUE"), "{}", out.stderr);
+    let out = cli.run(&["sandbox", "tag", &id]).await;
+    assert_eq!(out.code, 2, "no tags and no --clear: {}", out.stderr);
+    let out = cli.run(&["sandbox", "tag", &id, "a=1", "a=2"]).await;
+    assert!(
+        out.code != 0 && out.stderr.contains("twice"),
+        "{}",
+        out.stderr
+    );
+    let out = cli.run(&create(&["--reuse"])).await;
+    assert_eq!(out.code, 2, "--reuse needs --name: {}", out.stderr);
+    let out = cli.run(&create(&["--name", "Bad_Name"])).await;
+    assert_eq!(out.code, 6, "{}", out.stderr);
+    assert!(out.stderr.contains("name must be"), "{}", out.stderr);
 }

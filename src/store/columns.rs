@@ -81,7 +81,19 @@ pub(super) fn scopes_json(scopes: &[Scope]) -> Result<String, StoreError> {
 
 pub(super) const SANDBOX_COLUMNS: &str =
     "id, owner, status, ports, upstream, command, env, cors_origins, \
-     rewrite_host, metadata, created_at, expires_at, ended_at, host_ports, node, detail, process";
+     rewrite_host, metadata, created_at, expires_at, ended_at, host_ports, node, detail, process, \
+     name, tags";
+
+/// How many [`SANDBOX_COLUMNS`] there are: what an insert binds.
+pub(super) const SANDBOX_BINDS: usize = 19;
+
+/// The live statuses ([`SandboxStatus::is_live`]) as an SQL list, for queries that must agree
+/// with the partial index on live names (whose migrations spell the same list out).
+pub(super) const LIVE_STATUSES_SQL: &str = "('starting', 'running')";
+
+/// How many leading [`SANDBOX_COLUMNS`] an update binds: all but `name` and `tags`, which only
+/// the insert (both) and [`super::Store::set_sandbox_tags`] (`tags`) write.
+pub(super) const SANDBOX_UPDATE_BINDS: usize = 17;
 
 /// Raw sandbox columns; see [`CredentialRow`] for why decoding is two-step.
 pub(super) struct SandboxRow {
@@ -102,6 +114,8 @@ pub(super) struct SandboxRow {
     pub(super) node: Option<String>,
     pub(super) detail: Option<String>,
     pub(super) process: String,
+    pub(super) name: Option<String>,
+    pub(super) tags: String,
 }
 
 impl SandboxRow {
@@ -133,6 +147,8 @@ impl SandboxRow {
             node: self.node,
             detail: self.detail,
             process: from_json(T, "process", &self.process)?,
+            name: self.name,
+            tags: from_json(T, "tags", &self.tags)?,
             id: self.id,
             owner: self.owner,
         })
@@ -159,6 +175,8 @@ pub(super) struct SandboxParams {
     pub(super) node: Option<String>,
     pub(super) detail: Option<String>,
     pub(super) process: String,
+    pub(super) name: Option<String>,
+    pub(super) tags: String,
 }
 
 impl SandboxParams {
@@ -181,6 +199,8 @@ impl SandboxParams {
             node: s.node.clone(),
             detail: s.detail.clone(),
             process: to_json(&s.process)?,
+            name: s.name.clone(),
+            tags: to_json(&s.tags)?,
         })
     }
 }
@@ -216,5 +236,22 @@ impl IssuedTokenRow {
             exp: self.exp,
             single_use: self.single_use,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sql_lists_agree_with_the_record_types() {
+        let live: Vec<String> = SandboxStatus::ALL
+            .iter()
+            .filter(|s| s.is_live())
+            .map(|s| format!("'{s}'"))
+            .collect();
+        assert_eq!(LIVE_STATUSES_SQL, format!("({})", live.join(", ")));
+        assert_eq!(SANDBOX_COLUMNS.split(',').count(), SANDBOX_BINDS);
+        assert!(SANDBOX_COLUMNS.ends_with("process, name, tags"));
     }
 }

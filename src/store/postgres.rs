@@ -21,6 +21,7 @@
 //! advisory lock so nodes starting together apply each once.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -36,12 +37,14 @@ use sqlx::{Connection as _, PgConnection, Row as _};
 use tokio::sync::broadcast;
 
 use super::columns::{
-    scopes_json, CredentialRow, IssuedTokenRow, SandboxParams, SandboxRow, CREDENTIAL_COLUMNS,
-    ISSUED_TOKEN_COLUMNS, SANDBOX_COLUMNS,
+    scopes_json, to_json, CredentialRow, IssuedTokenRow, SandboxParams, SandboxRow,
+    CREDENTIAL_COLUMNS, ISSUED_TOKEN_COLUMNS, LIVE_STATUSES_SQL, SANDBOX_BINDS, SANDBOX_COLUMNS,
+    SANDBOX_UPDATE_BINDS,
 };
 use super::{
-    AuditEvent, Change, CredentialRecord, IssuedToken, NodeRecord, SandboxRecord, SandboxStatus,
-    Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY, EXPIRED_TOKEN_GRACE_SECS,
+    AuditEvent, Change, CredentialRecord, IssuedToken, NodeRecord, SandboxFilter, SandboxRecord,
+    SandboxStatus, Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY,
+    EXPIRED_TOKEN_GRACE_SECS,
 };
 use crate::credential::SecretHash;
 
@@ -137,6 +140,14 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX issued_tokens_by_exp ON issued_tokens (exp);",
     // 3: where other nodes reach a node's cluster relay; SQLite's migration 5.
     "ALTER TABLE nodes ADD COLUMN relay_addr TEXT;",
+    // 4: sandbox names and tags; SQLite's migration 6. The partial unique index holds only live
+    // rows, so two nodes racing to create one name get one winner, and a sandbox leaving
+    // `starting`/`running` frees its name (and keeps it, for listing).
+    "ALTER TABLE sandboxes ADD COLUMN name TEXT;
+     ALTER TABLE sandboxes ADD COLUMN tags TEXT NOT NULL DEFAULT '{}'; -- JSON object
+     CREATE UNIQUE INDEX sandboxes_live_name ON sandboxes (owner, name)
+        WHERE name IS NOT NULL AND status IN ('starting', 'running');
+     CREATE INDEX sandboxes_by_owner ON sandboxes (owner, created_at, seq);",
 ];
 
 /// How long one store call may take, queueing for a connection included, before it fails as
@@ -974,6 +985,8 @@ fn sandbox_row(r: &PgRow) -> Result<SandboxRow, sqlx::Error> {
         node: r.try_get(14)?,
         detail: r.try_get(15)?,
         process: r.try_get(16)?,
+        name: r.try_get(17)?,
+        tags: r.try_get(18)?,
     })
 }
 
@@ -1060,13 +1073,15 @@ fn node_row(r: &PgRow) -> Result<NodeRecord, StoreError> {
     get().map_err(classify)
 }
 
-/// Runs `sql` (binding `$1..$17` in [`SANDBOX_COLUMNS`] order) for `p`; rows affected.
+/// Runs `sql` (binding the first `binds` of [`SANDBOX_COLUMNS`] as `$1, $2, ...` in order) for
+/// `p`; rows affected.
 async fn execute_sandbox(
     conn: &mut PgConnection,
     sql: &str,
     p: &SandboxParams,
+    binds: usize,
 ) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(sql)
+    let query = sqlx::query(sql)
         .bind(text(&p.id))
         .bind(text(&p.owner))
         .bind(p.status)
@@ -1083,9 +1098,14 @@ async fn execute_sandbox(
         .bind(&p.host_ports)
         .bind(opt_text(&p.node))
         .bind(opt_text(&p.detail))
-        .bind(&p.process)
-        .execute(conn)
-        .await?;
+        .bind(&p.process);
+    let query = if binds == SANDBOX_BINDS {
+        query.bind(opt_text(&p.name)).bind(&p.tags)
+    } else {
+        debug_assert_eq!(binds, SANDBOX_UPDATE_BINDS);
+        query
+    };
+    let done = query.execute(conn).await?;
     Ok(done.rows_affected())
 }
 
@@ -1270,12 +1290,26 @@ impl Store for PostgresStore {
                 &mut tx,
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES
-                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+                     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                      $18, $19)"
                 ),
                 &row,
+                SANDBOX_BINDS,
             )
             .await
-            .map_err(|e| classify_insert(e, || format!("sandbox {} already exists", row.id)))?;
+            .map_err(|e| {
+                let on_name = matches!(&e, sqlx::Error::Database(db)
+                    if db.constraint() == Some("sandboxes_live_name"));
+                match (classify(e), &row.name) {
+                    (StoreError::Conflict(_), Some(name)) if on_name => {
+                        StoreError::NameInUse(name.clone())
+                    }
+                    (StoreError::Conflict(_), _) => {
+                        StoreError::Conflict(format!("sandbox {} already exists", row.id))
+                    }
+                    (other, _) => other,
+                }
+            })?;
             let id = text(&row.id).into_owned();
             self.notify(&mut tx, &Change::SandboxChanged { id }).await?;
             tx.commit().await.map_err(classify)
@@ -1295,6 +1329,7 @@ impl Store for PostgresStore {
                     host_ports = $14, node = $15, detail = $16, process = $17
                  WHERE id = $1",
                 &row,
+                SANDBOX_UPDATE_BINDS,
             )
             .await
             .map_err(classify)?;
@@ -1320,6 +1355,82 @@ impl Store for PostgresStore {
             .as_ref()
             .map(decode_sandbox)
             .transpose()
+        })
+        .await
+    }
+
+    async fn set_sandbox_tags(
+        &self,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let tags = to_json(tags)?;
+        bounded(async {
+            let id = text(id).into_owned();
+            let mut tx = self.pool().begin().await.map_err(classify)?;
+            let changed = sqlx::query("UPDATE sandboxes SET tags = $2 WHERE id = $1")
+                .bind(&id)
+                .bind(&tags)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            self.notify(&mut tx, &Change::SandboxChanged { id }).await?;
+            tx.commit().await.map_err(classify)
+        })
+        .await
+    }
+
+    async fn live_sandbox_named(
+        &self,
+        owner: &str,
+        name: &str,
+    ) -> Result<Option<SandboxRecord>, StoreError> {
+        bounded(async {
+            sqlx::query(&format!(
+                "SELECT {SANDBOX_COLUMNS} FROM sandboxes
+                 WHERE owner = $1 AND name = $2 AND status IN {LIVE_STATUSES_SQL}"
+            ))
+            .bind(text(owner))
+            .bind(text(name))
+            .fetch_optional(self.pool())
+            .await
+            .map_err(classify)?
+            .as_ref()
+            .map(decode_sandbox)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn find_sandboxes(
+        &self,
+        filter: &SandboxFilter,
+    ) -> Result<Vec<SandboxRecord>, StoreError> {
+        bounded(async {
+            // Owner and name are plain columns, narrowed here; tags are JSON text, checked in
+            // Rust by the same predicate every backend uses.
+            let rows = sqlx::query(&format!(
+                "SELECT {SANDBOX_COLUMNS} FROM sandboxes
+                 WHERE ($1::text IS NULL OR owner = $1) AND ($2::text IS NULL OR name = $2)
+                 ORDER BY created_at, seq"
+            ))
+            .bind(opt_text(&filter.owner))
+            .bind(opt_text(&filter.name))
+            .fetch_all(self.pool())
+            .await
+            .map_err(classify)?;
+            let mut found = Vec::new();
+            for row in &rows {
+                let record = decode_sandbox(row)?;
+                if filter.has_tags(&record) {
+                    found.push(record);
+                }
+            }
+            Ok(found)
         })
         .await
     }

@@ -8,6 +8,7 @@
 //! Its change feed ([`Store::changes`]) is in-process: it announces the writes made through this
 //! store value and its clones, which on a single node are all of them.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -17,12 +18,13 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 use tokio::sync::broadcast;
 
 use super::columns::{
-    scopes_json, CredentialRow, IssuedTokenRow, SandboxParams, SandboxRow, CREDENTIAL_COLUMNS,
-    ISSUED_TOKEN_COLUMNS, SANDBOX_COLUMNS,
+    scopes_json, to_json, CredentialRow, IssuedTokenRow, SandboxParams, SandboxRow,
+    CREDENTIAL_COLUMNS, ISSUED_TOKEN_COLUMNS, LIVE_STATUSES_SQL, SANDBOX_BINDS, SANDBOX_COLUMNS,
+    SANDBOX_UPDATE_BINDS,
 };
 use super::{
-    AuditEvent, BoxError, Change, CredentialRecord, IssuedToken, NodeRecord, SandboxRecord,
-    SandboxStatus, Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY,
+    AuditEvent, BoxError, Change, CredentialRecord, IssuedToken, NodeRecord, SandboxFilter,
+    SandboxRecord, SandboxStatus, Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY,
     EXPIRED_TOKEN_GRACE_SECS,
 };
 use crate::credential::SecretHash;
@@ -111,6 +113,14 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX issued_tokens_by_exp ON issued_tokens (exp);",
     // 5: where other nodes reach a node's cluster relay.
     "ALTER TABLE nodes ADD COLUMN relay_addr TEXT;",
+    // 6: sandbox names and tags. A name is unique among one owner's live sandboxes: the partial
+    // index holds only live rows, so a sandbox leaving `starting`/`running` frees its name (and
+    // keeps it, for listing). The status list is `SandboxStatus::is_live`.
+    "ALTER TABLE sandboxes ADD COLUMN name TEXT;
+     ALTER TABLE sandboxes ADD COLUMN tags TEXT NOT NULL DEFAULT '{}'; -- JSON object
+     CREATE UNIQUE INDEX sandboxes_live_name ON sandboxes (owner, name)
+        WHERE name IS NOT NULL AND status IN ('starting', 'running');
+     CREATE INDEX sandboxes_by_owner ON sandboxes (owner, created_at);",
 ];
 
 /// How long a statement waits for a lock held by another connection (another `sandgate`
@@ -374,35 +384,38 @@ impl SandboxRow {
             node: r.get(14)?,
             detail: r.get(15)?,
             process: r.get(16)?,
+            name: r.get(17)?,
+            tags: r.get(18)?,
         })
     }
 }
 
 impl SandboxParams {
-    /// Executes `sql`, which must bind ?1..?17 in [`SANDBOX_COLUMNS`] order.
-    fn execute(&self, conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
-        conn.execute(
-            sql,
-            params![
-                self.id,
-                self.owner,
-                self.status,
-                self.ports,
-                self.upstream,
-                self.command,
-                self.env,
-                self.cors_origins,
-                self.rewrite_host,
-                self.metadata,
-                self.created_at,
-                self.expires_at,
-                self.ended_at,
-                self.host_ports,
-                self.node,
-                self.detail,
-                self.process,
-            ],
-        )
+    /// Executes `sql`, which must bind the first `binds` of [`SANDBOX_COLUMNS`] as ?1, ?2, ...
+    /// in order.
+    fn execute(&self, conn: &Connection, sql: &str, binds: usize) -> rusqlite::Result<usize> {
+        let all = params![
+            self.id,
+            self.owner,
+            self.status,
+            self.ports,
+            self.upstream,
+            self.command,
+            self.env,
+            self.cors_origins,
+            self.rewrite_host,
+            self.metadata,
+            self.created_at,
+            self.expires_at,
+            self.ended_at,
+            self.host_ports,
+            self.node,
+            self.detail,
+            self.process,
+            self.name,
+            self.tags,
+        ];
+        conn.execute(sql, &all[..binds])
     }
 }
 
@@ -585,10 +598,33 @@ impl Store for SqliteStore {
                 conn,
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                      ?18, ?19)"
                 ),
+                SANDBOX_BINDS,
             )
-            .map_err(|e| classify_insert(e, || format!("sandbox {} already exists", row.id)))?;
+            .map_err(|e| {
+                // SQLite names the index's columns: `UNIQUE constraint failed:
+                // sandboxes.owner, sandboxes.name`. It may check that index before the primary
+                // key, and a duplicate id is the conflict to report (as PostgreSQL does).
+                let on_name = matches!(&e, rusqlite::Error::SqliteFailure(_, Some(m))
+                    if m.contains("sandboxes.name"))
+                    && conn
+                        .query_row("SELECT 1 FROM sandboxes WHERE id = ?1", [&row.id], |_| {
+                            Ok(())
+                        })
+                        .optional()
+                        .is_ok_and(|found| found.is_none());
+                match (classify(e), &row.name) {
+                    (StoreError::Conflict(_), Some(name)) if on_name => {
+                        StoreError::NameInUse(name.clone())
+                    }
+                    (StoreError::Conflict(_), _) => {
+                        StoreError::Conflict(format!("sandbox {} already exists", row.id))
+                    }
+                    (other, _) => other,
+                }
+            })?;
             Ok(())
         })
         .await?;
@@ -607,6 +643,7 @@ impl Store for SqliteStore {
                         metadata = ?10, created_at = ?11, expires_at = ?12, ended_at = ?13,
                         host_ports = ?14, node = ?15, detail = ?16, process = ?17
                      WHERE id = ?1",
+                    SANDBOX_UPDATE_BINDS,
                 )
                 .map_err(classify)?;
             if changed == 0 {
@@ -629,6 +666,81 @@ impl Store for SqliteStore {
             .map_err(classify)?
             .map(SandboxRow::decode)
             .transpose()
+        })
+        .await
+    }
+
+    async fn set_sandbox_tags(
+        &self,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let (owned, tags) = (id.to_owned(), to_json(tags)?);
+        self.call(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE sandboxes SET tags = ?2 WHERE id = ?1",
+                    params![owned, tags],
+                )
+                .map_err(classify)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
+        })
+        .await?;
+        self.announce(Change::SandboxChanged { id: id.to_owned() });
+        Ok(())
+    }
+
+    async fn live_sandbox_named(
+        &self,
+        owner: &str,
+        name: &str,
+    ) -> Result<Option<SandboxRecord>, StoreError> {
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.call(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {SANDBOX_COLUMNS} FROM sandboxes
+                 WHERE owner = ?1 AND name = ?2 AND status IN {LIVE_STATUSES_SQL}"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_row(params![owner, name], SandboxRow::read)
+                    .optional()
+            })
+            .map_err(classify)?
+            .map(SandboxRow::decode)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn find_sandboxes(
+        &self,
+        filter: &SandboxFilter,
+    ) -> Result<Vec<SandboxRecord>, StoreError> {
+        let filter = filter.clone();
+        self.call(move |conn| {
+            // Owner and name are plain columns, narrowed here; tags are JSON text, checked in
+            // Rust by the same predicate every backend uses.
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {SANDBOX_COLUMNS} FROM sandboxes
+                     WHERE (?1 IS NULL OR owner = ?1) AND (?2 IS NULL OR name = ?2)
+                     ORDER BY created_at, rowid"
+                ))
+                .map_err(classify)?;
+            let rows = stmt
+                .query_map(params![filter.owner, filter.name], SandboxRow::read)
+                .map_err(classify)?;
+            let mut found = Vec::new();
+            for row in rows {
+                let record = row.map_err(classify)?.decode()?;
+                if filter.has_tags(&record) {
+                    found.push(record);
+                }
+            }
+            Ok(found)
         })
         .await
     }
@@ -1175,6 +1287,8 @@ mod tests {
         let old = store.sandbox("sbxold").await.unwrap().unwrap();
         assert_eq!(old.node.as_deref(), Some("node-a"));
         assert_eq!(old.process, ProcessInfo::default());
+        // Migration 6: no name, no tags.
+        assert_eq!((old.name.as_deref(), old.tags.len()), (None, 0));
         store
             .heartbeat(&conformance::node("node-a", 10))
             .await
