@@ -28,6 +28,8 @@ use crate::store::{CredentialRecord, IssuedToken, SandboxRecord, SandboxStatus};
 use crate::token::IssueRequest;
 use crate::unix_now;
 
+mod volume;
+
 type AppState = Arc<Gateway>;
 
 /// Largest JSON body the API reads.
@@ -53,6 +55,14 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/sandboxes/{id}/stats", get(stats))
         .route("/v1/connect-tokens", get(list_tokens))
         .route("/v1/connect-tokens/{jti}", delete(revoke_token))
+        .route(
+            "/v1/volumes",
+            post(volume::create_volume).get(volume::list_volumes),
+        )
+        .route(
+            "/v1/volumes/{name}",
+            get(volume::get_volume).delete(volume::delete_volume),
+        )
         .route("/v1/audit", get(audit))
         .route("/v1/nodes", get(list_nodes))
         .fallback(|| async { HttpError::not_found("no such endpoint") })
@@ -471,6 +481,19 @@ struct CreateSandbox {
     /// A CPU limit such as 0.5 or 2 (isolated sandboxes).
     cpus: Option<f64>,
     egress: Option<EgressBody>,
+    /// Volumes to mount (isolated `command` sandboxes).
+    volumes: Option<Vec<VolumeBody>>,
+}
+
+/// One entry of `volumes` on creation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeBody {
+    volume: String,
+    path: String,
+    sub_path: Option<String>,
+    #[serde(default)]
+    read_only: bool,
 }
 
 /// `egress` on creation: the host names an isolated sandbox may reach through its proxy.
@@ -618,6 +641,15 @@ async fn create_sandbox(
         Some(e) => validate_egress(&e.allow, &body.ports)?,
         None => Vec::new(),
     };
+    let volumes = match &body.volumes {
+        Some(_) if upstream.is_some() => {
+            return Err(HttpError::invalid_argument(
+                "`volumes` apply to isolated `command` sandboxes only",
+            ))
+        }
+        Some(v) => validate_volumes(v)?,
+        None => Vec::new(),
+    };
     let now = unix_now();
     if body.timeout_secs.is_some_and(|t| t <= 0) {
         return Err(HttpError::invalid_argument("timeout_secs must be positive"));
@@ -657,6 +689,7 @@ async fn create_sandbox(
                 .map(|c| (c * 1000.0).round().max(1.0) as u64)
                 .or(defaults.cpu_millis);
             record.process.egress = egress;
+            record.process.volumes = volumes;
             record = driver.start(record).await.map_err(driver_error)?;
         }
         _ => {
@@ -672,6 +705,49 @@ async fn create_sandbox(
     )
     .await;
     Ok(created(SandboxView::of(&record)))
+}
+
+/// `volumes` on creation: at most [`crate::sandbox::volume::MAX_MOUNTS`], each a volume name, a
+/// normalized absolute `path` off the system's trees (no two overlapping), and a relative
+/// `sub_path` that cannot leave the volume. Whether each volume exists and where its sub-path
+/// leads is the driver's to check.
+fn validate_volumes(mounts: &[VolumeBody]) -> Result<Vec<crate::store::VolumeMount>, HttpError> {
+    use crate::sandbox::volume;
+    if mounts.len() > volume::MAX_MOUNTS {
+        return Err(HttpError::invalid_argument(format!(
+            "a sandbox mounts at most {} volumes",
+            volume::MAX_MOUNTS
+        )));
+    }
+    for (i, m) in mounts.iter().enumerate() {
+        if !volume::valid_name(&m.volume) {
+            return Err(HttpError::invalid_argument(
+                "volumes[].volume must be a volume name (1 to 63 of a-z, 0-9 and -)",
+            ));
+        }
+        volume::validate_target(&m.path).map_err(HttpError::invalid_argument)?;
+        if let Some(sub) = &m.sub_path {
+            volume::sub_path_components(sub).map_err(HttpError::invalid_argument)?;
+        }
+        if let Some(other) = mounts[..i]
+            .iter()
+            .find(|o| volume::overlaps(&o.path, &m.path))
+        {
+            return Err(HttpError::invalid_argument(format!(
+                "volume paths {} and {} overlap: mount each volume at a path of its own",
+                other.path, m.path
+            )));
+        }
+    }
+    Ok(mounts
+        .iter()
+        .map(|m| crate::store::VolumeMount {
+            volume: m.volume.clone(),
+            path: m.path.clone(),
+            sub_path: m.sub_path.clone(),
+            read_only: m.read_only,
+        })
+        .collect())
 }
 
 /// Limits out of range are refused naming the field, rather than clamped.
@@ -941,6 +1017,8 @@ fn driver_error(e: crate::sandbox::process::DriverError) -> HttpError {
             HttpError::unavailable(format!("cannot isolate the sandbox: {err}"))
         }
         DriverError::Store(err) => err.into(),
+        DriverError::VolumeInvalid(why) => HttpError::invalid_argument(why),
+        DriverError::VolumeConflict(why) => HttpError::conflict(why),
         DriverError::Dir(err) => {
             tracing::error!(error = %err, "cannot prepare a sandbox directory");
             HttpError::internal()
