@@ -46,8 +46,11 @@ const SIZE_MAX_ENTRIES: u64 = 1_000_000;
 /// Folder depth a size measurement descends to at most (each level holds a descriptor).
 const SIZE_MAX_DEPTH: usize = 128;
 
-/// Host folders a volume may not be mounted on or under: the system's own trees.
-const RESERVED_TARGETS: &[&str] = &["proc", "dev", "sys", "usr", "bin", "sbin", "etc"];
+/// Folders a volume may not be mounted on or under: the system's own trees (the `lib*` ones
+/// are those the `host` image shows).
+const RESERVED_TARGETS: &[&str] = &[
+    "proc", "dev", "sys", "usr", "bin", "sbin", "etc", "lib", "lib32", "lib64", "libx32",
+];
 
 /// Whether `name` is a volume name: 1 to 63 of `[a-z0-9-]`.
 pub fn valid_name(name: &str) -> bool {
@@ -83,7 +86,7 @@ pub fn validate_target(path: &str) -> Result<(), String> {
         ));
     }
     let first = rest.split('/').next().unwrap_or_default();
-    if RESERVED_TARGETS.contains(&first) || first.starts_with("lib") {
+    if RESERVED_TARGETS.contains(&first) {
         return Err(format!(
             "a volume cannot be mounted on or under /{first}: that is the system's own tree"
         ));
@@ -376,6 +379,7 @@ mod tests {
             "/sbin",
             "/lib",
             "/lib64/x",
+            "/libx32",
             "/etc",
             "/etc/ssl",
         ] {
