@@ -30,6 +30,8 @@ use crate::store::{
 use crate::token::IssueRequest;
 use crate::unix_now;
 
+mod volume;
+
 type AppState = Arc<Gateway>;
 
 /// Largest JSON body the API reads.
@@ -55,6 +57,14 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/sandboxes/{id}/stats", get(stats))
         .route("/v1/connect-tokens", get(list_tokens))
         .route("/v1/connect-tokens/{jti}", delete(revoke_token))
+        .route(
+            "/v1/volumes",
+            post(volume::create_volume).get(volume::list_volumes),
+        )
+        .route(
+            "/v1/volumes/{name}",
+            get(volume::get_volume).delete(volume::delete_volume),
+        )
         .route("/v1/audit", get(audit))
         .route("/v1/nodes", get(list_nodes))
         .fallback(|| async { HttpError::not_found("no such endpoint") })
@@ -484,6 +494,19 @@ struct CreateSandbox {
     reuse: bool,
     #[serde(default, deserialize_with = "tags_field")]
     tags: BTreeMap<String, String>,
+    /// Volumes to mount (isolated `command` sandboxes).
+    volumes: Option<Vec<VolumeBody>>,
+}
+
+/// One entry of `volumes` on creation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeBody {
+    volume: String,
+    path: String,
+    sub_path: Option<String>,
+    #[serde(default)]
+    read_only: bool,
 }
 
 /// `PATCH /v1/sandboxes/{id}`: what may change after creation.
@@ -763,6 +786,15 @@ async fn create_sandbox(
             }
         },
     };
+    let volumes = match &body.volumes {
+        Some(_) if upstream.is_some() => {
+            return Err(HttpError::invalid_argument(
+                "`volumes` apply to isolated `command` sandboxes only",
+            ))
+        }
+        Some(v) => validate_volumes(v)?,
+        None => Vec::new(),
+    };
     let now = unix_now();
     if body.timeout_secs.is_some_and(|t| t <= 0) {
         return Err(HttpError::invalid_argument("timeout_secs must be positive"));
@@ -804,6 +836,7 @@ async fn create_sandbox(
             .or(defaults.cpu_millis);
         record.process.egress = egress;
         record.process.idle_timeout_secs = idle_timeout_secs;
+        record.process.volumes = volumes;
     }
     // The look-up answers a taken name before a process is started for nothing; the store's
     // check at insert is what makes it race-free (of two creates with one name, one inserts,
@@ -848,6 +881,49 @@ async fn create_sandbox(
     )
     .await;
     Ok(created(SandboxView::of(&record)))
+}
+
+/// `volumes` on creation: at most [`crate::sandbox::volume::MAX_MOUNTS`], each a volume name, a
+/// normalized absolute `path` off the system's trees (no two overlapping), and a relative
+/// `sub_path` that cannot leave the volume. Whether each volume exists and where its sub-path
+/// leads is the driver's to check.
+fn validate_volumes(mounts: &[VolumeBody]) -> Result<Vec<crate::store::VolumeMount>, HttpError> {
+    use crate::sandbox::volume;
+    if mounts.len() > volume::MAX_MOUNTS {
+        return Err(HttpError::invalid_argument(format!(
+            "a sandbox mounts at most {} volumes",
+            volume::MAX_MOUNTS
+        )));
+    }
+    for (i, m) in mounts.iter().enumerate() {
+        if !volume::valid_name(&m.volume) {
+            return Err(HttpError::invalid_argument(
+                "volumes[].volume must be a volume name (1 to 63 of a-z, 0-9 and -)",
+            ));
+        }
+        volume::validate_target(&m.path).map_err(HttpError::invalid_argument)?;
+        if let Some(sub) = &m.sub_path {
+            volume::sub_path_components(sub).map_err(HttpError::invalid_argument)?;
+        }
+        if let Some(other) = mounts[..i]
+            .iter()
+            .find(|o| volume::overlaps(&o.path, &m.path))
+        {
+            return Err(HttpError::invalid_argument(format!(
+                "volume paths {} and {} overlap: mount each volume at a path of its own",
+                other.path, m.path
+            )));
+        }
+    }
+    Ok(mounts
+        .iter()
+        .map(|m| crate::store::VolumeMount {
+            volume: m.volume.clone(),
+            path: m.path.clone(),
+            sub_path: m.sub_path.clone(),
+            read_only: m.read_only,
+        })
+        .collect())
 }
 
 /// Limits out of range are refused naming the field, rather than clamped.
@@ -1184,6 +1260,8 @@ fn driver_error(e: crate::sandbox::process::DriverError) -> HttpError {
             HttpError::unavailable(format!("cannot isolate the sandbox: {err}"))
         }
         DriverError::Store(err) => err.into(),
+        DriverError::VolumeInvalid(why) => HttpError::invalid_argument(why),
+        DriverError::VolumeConflict(why) => HttpError::conflict(why),
         DriverError::Dir(err) => {
             tracing::error!(error = %err, "cannot prepare a sandbox directory");
             HttpError::internal()

@@ -433,6 +433,8 @@ struct RawOrchestrator {
     cpus: f64,
     tmp_size_mb: u64,
     egress_hosts: std::collections::BTreeMap<String, String>,
+    volumes_dir: Option<PathBuf>,
+    volumes_shared: bool,
 }
 
 impl Default for RawOrchestrator {
@@ -457,6 +459,8 @@ impl Default for RawOrchestrator {
             cpus: 0.0,
             tmp_size_mb: 1024,
             egress_hosts: std::collections::BTreeMap::new(),
+            volumes_dir: None,
+            volumes_shared: false,
         }
     }
 }
@@ -547,6 +551,13 @@ pub struct OrchestratorConfig {
     /// Names the egress proxy sends to a fixed address (an internal package mirror), exempt
     /// from its private-address refusal: name → `host:port`.
     pub egress_hosts: std::collections::BTreeMap<String, std::net::SocketAddr>,
+    /// Where volumes keep their files (`<volumes_dir>/<owner>/<name>/`); default
+    /// `<data_dir>/volumes`.
+    pub volumes_dir: PathBuf,
+    /// Cluster mode: `volumes_dir` is one shared file system mounted on every node, so a volume
+    /// belongs to no node and any node's sandboxes may mount it. Off: a volume lives on the
+    /// node that made it.
+    pub volumes_shared: bool,
 }
 
 /// `[orchestrator] isolation`.
@@ -1060,6 +1071,12 @@ impl Config {
                 .then(|| (o.cpus.min(1024.0) * 1000.0).round().max(10.0) as u64),
             tmp_bytes: o.tmp_size_mb.max(1).saturating_mul(1024 * 1024),
             egress_hosts,
+            volumes_dir: o
+                .volumes_dir
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| store.data_dir.join("volumes")),
+            volumes_shared: o.volumes_shared,
         };
 
         let a = raw.api;

@@ -13,6 +13,7 @@ pub mod netns;
 pub mod process;
 pub mod seccomp;
 pub mod spec;
+pub mod volume;
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicI64, Ordering};

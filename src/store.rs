@@ -275,6 +275,40 @@ pub struct ProcessInfo {
     /// (`idle_timeout_secs` on creation); `None`: never for idleness.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<u64>,
+    /// The owner's volumes it mounts: what makes `DELETE /v1/volumes/{name}` answer 409 while
+    /// it lives.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// One volume mounted into an isolated sandbox, as asked for on creation (validated).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// The volume's name, among the sandbox owner's volumes.
+    pub volume: String,
+    /// Where the sandbox sees it: absolute and normalized.
+    pub path: String,
+    /// The subtree of the volume mounted there; `None`: the whole volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A named volume: a folder of files that outlives the sandboxes that mount it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRecord {
+    /// The credential that made it; names are unique per owner.
+    pub owner: String,
+    /// 1 to 63 of `[a-z0-9-]`.
+    pub name: String,
+    pub created_at: i64,
+    /// Cluster mode: the node whose disk holds its folder (`None`: every node sees it, on a
+    /// shared file system, or there is only one node).
+    pub node: Option<String>,
+    /// The host uid owning its files, which every isolated sandbox mounting it runs as (one uid
+    /// per owner and node: see [`crate::sandbox::volume`]).
+    pub uid: u32,
 }
 
 impl fmt::Debug for SandboxRecord {
@@ -595,6 +629,15 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> Result<Vec<String>, StoreError>;
 
+    /// Adds a volume; [`StoreError::Conflict`] if its owner already has one of that name.
+    async fn insert_volume(&self, v: &VolumeRecord) -> Result<(), StoreError>;
+    /// One volume by owner and name.
+    async fn volume(&self, owner: &str, name: &str) -> Result<Option<VolumeRecord>, StoreError>;
+    /// Every volume, oldest first (by `created_at`, then owner and name).
+    async fn volumes(&self) -> Result<Vec<VolumeRecord>, StoreError>;
+    /// Removes a volume's record; `false` if there was none.
+    async fn delete_volume(&self, owner: &str, name: &str) -> Result<bool, StoreError>;
+
     /// Subscribes to the changes written through this store, by this process and (for a shared
     /// store) every other gateway, each announced after its commit, in commit order.
     ///
@@ -654,6 +697,9 @@ pub(crate) mod conformance {
                 racing_inserts_of_one_name_have_one_winner,
                 tags_round_trip_and_are_replaced_alone,
                 find_sandboxes_filters_by_owner_name_and_every_tag,
+                volumes_round_trip_per_owner,
+                volume_names_conflict_per_owner_only,
+                sandbox_volume_mounts_round_trip,
             );
         };
         (@each $make:path; $($name:ident),* $(,)?) => {
@@ -1770,6 +1816,95 @@ pub(crate) mod conformance {
             find(None, Some("alpha"), &[("team", "ml")]).await,
             ["sbxfind01", "sbxfind04"]
         );
+    }
+
+    pub(crate) fn volume(owner: &str, name: &str, created_at: i64) -> VolumeRecord {
+        VolumeRecord {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+            created_at,
+            node: Some("node-a".to_owned()),
+            uid: 2_000_000_042,
+        }
+    }
+
+    pub(crate) async fn volumes_round_trip_per_owner(store: &dyn Store) {
+        assert!(store.volumes().await.unwrap().is_empty());
+        assert_eq!(store.volume("cred_a", "agents").await.unwrap(), None);
+        let newer = volume("cred_a", "agents", 200);
+        let older = VolumeRecord {
+            node: None,
+            uid: 2_000_000_001,
+            ..volume("cred_b", "agents", 100)
+        };
+        let same_time = volume("cred_a", "cache", 200);
+        for v in [&newer, &older, &same_time] {
+            store.insert_volume(v).await.unwrap();
+        }
+        assert_eq!(
+            store.volumes().await.unwrap(),
+            vec![older.clone(), newer.clone(), same_time.clone()]
+        );
+        assert_eq!(
+            store.volume("cred_a", "agents").await.unwrap(),
+            Some(newer.clone())
+        );
+        assert_eq!(
+            store.volume("cred_b", "agents").await.unwrap(),
+            Some(older.clone())
+        );
+        assert_eq!(store.volume("cred_c", "agents").await.unwrap(), None);
+
+        assert!(store.delete_volume("cred_a", "agents").await.unwrap());
+        assert!(!store.delete_volume("cred_a", "agents").await.unwrap());
+        assert!(!store.delete_volume("cred_c", "cache").await.unwrap());
+        assert_eq!(store.volume("cred_a", "agents").await.unwrap(), None);
+        assert_eq!(store.volumes().await.unwrap(), vec![older, same_time]);
+    }
+
+    pub(crate) async fn volume_names_conflict_per_owner_only(store: &dyn Store) {
+        let v = volume("cred_a", "agents", 1);
+        store.insert_volume(&v).await.unwrap();
+        let again = VolumeRecord {
+            created_at: 5,
+            uid: 7,
+            ..v.clone()
+        };
+        let err = store.insert_volume(&again).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        assert_eq!(store.volumes().await.unwrap(), vec![v.clone()]);
+        // Another owner's volume of that name is another volume.
+        store
+            .insert_volume(&volume("cred_b", "agents", 2))
+            .await
+            .unwrap();
+        // Deleted, the name is free again.
+        assert!(store.delete_volume("cred_a", "agents").await.unwrap());
+        store.insert_volume(&again).await.unwrap();
+        assert_eq!(store.volume("cred_a", "agents").await.unwrap(), Some(again));
+    }
+
+    pub(crate) async fn sandbox_volume_mounts_round_trip(store: &dyn Store) {
+        let mut s = sandbox("sbxvolumes", 1);
+        s.process.volumes = vec![
+            VolumeMount {
+                volume: "agents".to_owned(),
+                path: "/workspace".to_owned(),
+                sub_path: Some("sessions/s-42".to_owned()),
+                read_only: false,
+            },
+            VolumeMount {
+                volume: "models".to_owned(),
+                path: "/opt/models".to_owned(),
+                sub_path: None,
+                read_only: true,
+            },
+        ];
+        store.insert_sandbox(&s).await.unwrap();
+        assert_eq!(store.sandbox(&s.id).await.unwrap(), Some(s.clone()));
+        s.process.volumes.pop();
+        store.update_sandbox(&s).await.unwrap();
+        assert_eq!(store.sandbox(&s.id).await.unwrap(), Some(s));
     }
 
     pub(crate) async fn changes_are_announced_after_commit(store: &dyn Store) {

@@ -455,7 +455,10 @@ async fn a_cpu_limit_holds_a_busy_loop_and_a_larger_one_does_not_throttle() {
     // A loop that reached its quota was held back by it; on a machine too busy to give it even
     // that much, the quota never bit.
     if share >= 0.45 {
-        assert!(throttled(&v) > 0.05, "the 0.5 limit held the loop back: {v}");
+        assert!(
+            throttled(&v) > 0.05,
+            "the 0.5 limit held the loop back: {v}"
+        );
     }
     // Unthrottled means the limit never held it back: one busy thread under a limit of two
     // CPUs. (How much CPU it gets besides depends on what else the machine runs.)

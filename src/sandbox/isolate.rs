@@ -25,7 +25,7 @@ use crate::config::OrchestratorConfig;
 use crate::sandbox::cgroup::{CgroupRoot, Limits, SandboxCgroup};
 use crate::sandbox::launch;
 use crate::sandbox::netns::NetNs;
-use crate::sandbox::spec::{to_line, ExecSpec, LaunchSpec, Rlimits};
+use crate::sandbox::spec::{to_line, ExecSpec, LaunchSpec, Rlimits, VolumeBind};
 
 /// The port of the egress proxy inside every sandbox that has egress; never publishable.
 pub const EGRESS_PORT: u16 = 3128;
@@ -112,16 +112,24 @@ impl Isolator {
         true
     }
 
-    /// Everything a sandbox needs before its launcher runs.
+    /// Everything a sandbox needs before its launcher runs. `volume_uid`: the sandbox mounts
+    /// volumes and runs as their uid (see [`crate::sandbox::volume`]), which stays reserved
+    /// when it ends; otherwise it gets a fresh uid of its own.
     pub fn prepare(
         self: &Arc<Self>,
         id: &str,
         limits: &Limits,
         egress: bool,
+        volume_uid: Option<u32>,
     ) -> Result<Jail, IsolationError> {
-        let uid = self.allocate_uid()?;
+        let uid = match volume_uid {
+            Some(uid) => uid,
+            None => self.allocate_uid()?,
+        };
         let release_uid = |e| {
-            self.free_uid(uid);
+            if volume_uid.is_none() {
+                self.free_uid(uid);
+            }
             e
         };
         let cgroup = self
@@ -158,6 +166,7 @@ impl Isolator {
         Ok(Jail {
             id: id.to_string(),
             uid,
+            shared_uid: volume_uid.is_some(),
             isolator: Arc::clone(self),
             netns: Arc::new(netns),
             cgroup: Mutex::new(Some(cgroup)),
@@ -169,21 +178,29 @@ impl Isolator {
     }
 
     fn allocate_uid(&self) -> Result<u32, IsolationError> {
-        let (lo, hi) = self.uid_range;
-        let mut taken = self.uids.lock().unwrap_or_else(PoisonError::into_inner);
-        let span = u64::from(hi - lo) + 1;
-        let start = rand::random::<u64>() % span;
-        for i in 0..span.min(1 << 20) {
-            let uid = lo + u32::try_from((start + i) % span).unwrap_or(0);
-            if !taken.contains(&uid) {
-                taken.insert(uid);
-                return Ok(uid);
-            }
-        }
-        Err(IsolationError::NoFreeUid)
+        self.allocate_uid_besides(&BTreeSet::new())
     }
 
-    fn free_uid(&self, uid: u32) {
+    /// A free uid that is not in `also_taken` either, marked taken until [`Isolator::free_uid`].
+    pub fn allocate_uid_besides(&self, also_taken: &BTreeSet<u32>) -> Result<u32, IsolationError> {
+        let mut taken = self.uids.lock().unwrap_or_else(PoisonError::into_inner);
+        let all: BTreeSet<u32> = taken.union(also_taken).copied().collect();
+        let uid = crate::sandbox::volume::pick_uid(self.uid_range, &all)
+            .ok_or(IsolationError::NoFreeUid)?;
+        taken.insert(uid);
+        Ok(uid)
+    }
+
+    /// Marks `uid` taken (a volume's uid, at start), so no sandbox of its own gets it.
+    pub fn reserve_uid(&self, uid: u32) {
+        self.uids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(uid);
+    }
+
+    /// Hands `uid` back to the pool.
+    pub fn free_uid(&self, uid: u32) {
         self.uids
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -197,6 +214,8 @@ pub struct Jail {
     pub id: String,
     /// The sandbox's own host uid (and gid).
     pub uid: u32,
+    /// `uid` is its volumes' (kept reserved when the sandbox ends).
+    shared_uid: bool,
     isolator: Arc<Isolator>,
     /// The proxy and the readiness probe connect inside this.
     pub netns: Arc<NetNs>,
@@ -260,6 +279,7 @@ impl Jail {
         command: &[String],
         env: BTreeMap<String, String>,
         rlimits: Rlimits,
+        volumes: Vec<VolumeBind>,
     ) -> Result<tokio::process::Child, IsolationError> {
         let spec = LaunchSpec {
             id: self.id.clone(),
@@ -273,6 +293,7 @@ impl Jail {
             env,
             rlimits,
             tmp_bytes: self.isolator.tmp_bytes,
+            volumes,
         };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| IsolationError::Launch(format!("cannot make a socket pair: {e}")))?;
@@ -455,6 +476,8 @@ impl Jail {
         if let Ok(Err(e)) = removed {
             tracing::error!(sandbox = %self.id, error = %e, "cannot remove the sandbox's cgroup");
         }
-        self.isolator.free_uid(self.uid);
+        if !self.shared_uid {
+            self.isolator.free_uid(self.uid);
+        }
     }
 }

@@ -7,7 +7,8 @@
 //! a secret), a fresh `/dev` with the usual devices, its own `devpts` and `/dev/shm`, its own
 //! `/proc`, a private `/tmp`, and `/workspace` bound from the sandbox's folder. Then
 //! `pivot_root` makes it `/`, the host's tree is detached, and the root itself is read-only:
-//! only `/workspace`, `/tmp` and `/dev/shm` are writable. Nothing else of the host is visible.
+//! only `/workspace`, `/tmp`, `/dev/shm` and the volumes it mounts (read-write ones) are
+//! writable. Nothing else of the host is visible.
 //!
 //! Other images (the sessions work) replace the `/usr`, `/bin`, `/lib*` binds with an unpacked
 //! image's tree; the rest stays as it is.
@@ -186,6 +187,22 @@ fn build_dev(root: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Binds one volume's subtree at its target. The subtree is opened here, in the sandbox's own
+/// mount namespace, one component at a time without following links, and the mount's source
+/// is that descriptor: nothing the sandboxes did to the volume meanwhile can make it name
+/// another folder. Targets were validated (absolute, normalized, not overlapping each other,
+/// not on the host trees), so the mount point is made in this fresh root only.
+fn bind_volume(root: &Path, volume: &crate::sandbox::spec::VolumeBind, uid: u32) -> io::Result<()> {
+    let fd = crate::sandbox::volume::open_confined(&volume.dir, &volume.sub_path, uid)
+        .map_err(|e| io::Error::other(format!("volume at {}: {e}", volume.target.display())))?;
+    let relative = volume.target.strip_prefix("/").unwrap_or(&volume.target);
+    let dst = root.join(relative);
+    std::fs::create_dir_all(&dst)?;
+    use std::os::fd::AsRawFd;
+    let source = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    bind(&source, &dst, volume.read_only)
+}
+
 /// Builds the sandbox's root at `spec.root` and makes it `/`. Must run in a fresh mount
 /// namespace (and PID namespace, for `/proc`), as root.
 pub fn build_root(spec: &LaunchSpec) -> io::Result<()> {
@@ -231,7 +248,17 @@ pub fn build_root(spec: &LaunchSpec) -> io::Result<()> {
 
     let workspace = root.join("workspace");
     std::fs::create_dir_all(&workspace)?;
-    bind(&spec.workspace, &workspace, false)?;
+    // A volume at `/workspace` takes the place of the sandbox's own folder.
+    if !spec
+        .volumes
+        .iter()
+        .any(|v| v.target == Path::new("/workspace"))
+    {
+        bind(&spec.workspace, &workspace, false)?;
+    }
+    for volume in &spec.volumes {
+        bind_volume(&root, volume, spec.uid)?;
+    }
     for empty in ["root", "home", "run", "var/tmp", "sys"] {
         std::fs::create_dir_all(root.join(empty))?;
     }

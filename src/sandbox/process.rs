@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{IsolationMode, OrchestratorConfig};
 use crate::sandbox::cgroup::Limits;
 use crate::sandbox::isolate::{IsolationError, Isolator, Jail, EGRESS_PORT};
-use crate::sandbox::spec::Rlimits;
+use crate::sandbox::spec::{Rlimits, VolumeBind};
+use crate::sandbox::volume::{ConfineError, Volumes};
 use crate::sandbox::Routes;
 use crate::store::{ProcessInfo, SandboxRecord, SandboxStatus, Store, StoreError};
 use crate::tracker::Tracker;
@@ -56,6 +57,13 @@ pub enum DriverError {
     /// Namespaces, cgroup or launcher failed for this sandbox.
     #[error(transparent)]
     Isolation(#[from] IsolationError),
+    /// The `volumes` asked for cannot be mounted as given (unknown volume, a `sub_path` that
+    /// names a link or a file, a sandbox that cannot mount volumes).
+    #[error("{0}")]
+    VolumeInvalid(String),
+    /// The volume is not this node's to mount (it lives on another node).
+    #[error("{0}")]
+    VolumeConflict(String),
 }
 
 /// How this node keeps `command` sandboxes in (`[orchestrator] isolation`).
@@ -149,6 +157,8 @@ pub struct Driver {
     isolation: Isolation,
     /// Egress decisions are counted here.
     metrics: Arc<crate::telemetry::Metrics>,
+    /// This node's volume folders.
+    volumes: Arc<Volumes>,
 }
 
 /// An unprivileged account for sandbox processes. Running them as the gateway's user would let
@@ -216,6 +226,7 @@ impl Driver {
         metrics: Arc<crate::telemetry::Metrics>,
     ) -> Driver {
         Driver {
+            volumes: Arc::new(Volumes::new(cfg.volumes_dir.clone())),
             metrics,
             node,
             identity,
@@ -280,6 +291,122 @@ impl Driver {
         Ok(dir)
     }
 
+    /// This node's volume folders.
+    pub fn volumes(&self) -> &Volumes {
+        &self.volumes
+    }
+
+    /// The same, to move into a blocking task.
+    pub fn volumes_handle(&self) -> Arc<Volumes> {
+        Arc::clone(&self.volumes)
+    }
+
+    /// This node's name (what its sandboxes and volumes record as their node).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The uid that `owner`'s volumes on `node` belong to: the one its volumes there have, or
+    /// a new one, reserved from then on (see [`crate::sandbox::volume`]). The caller holds
+    /// [`Volumes::lock`] exclusively, so two first volumes of an owner cannot get two uids.
+    pub async fn volume_uid(&self, owner: &str, node: Option<&str>) -> Result<u32, DriverError> {
+        let all = self.store.volumes().await?;
+        if let Some(v) = all
+            .iter()
+            .find(|v| v.owner == owner && v.node.as_deref() == node)
+        {
+            return Ok(v.uid);
+        }
+        let taken: BTreeSet<u32> = all.iter().map(|v| v.uid).collect();
+        match &self.isolation {
+            Isolation::Namespaces(iso) => Ok(iso.allocate_uid_besides(&taken)?),
+            _ => crate::sandbox::volume::pick_uid(self.cfg.uid_range, &taken)
+                .ok_or(DriverError::Isolation(IsolationError::NoFreeUid)),
+        }
+    }
+
+    /// Hands a volume uid back once its owner has no volume left on this node.
+    pub fn release_volume_uid(&self, uid: u32) {
+        if let Isolation::Namespaces(iso) = &self.isolation {
+            iso.free_uid(uid);
+        }
+    }
+
+    /// The host folders and the uid for a sandbox's `volumes`, checked: each volume exists
+    /// among its owner's and lives on this node, and each `sub_path` is made and opened without
+    /// following a link (init opens it again, race-free, before binding it).
+    async fn resolve_volumes(
+        &self,
+        record: &SandboxRecord,
+    ) -> Result<(Option<u32>, Vec<VolumeBind>), DriverError> {
+        let mut uid = None;
+        let mut binds = Vec::new();
+        for m in &record.process.volumes {
+            let v = self
+                .store
+                .volume(&record.owner, &m.volume)
+                .await?
+                .ok_or_else(|| {
+                    DriverError::VolumeInvalid(format!(
+                        "no volume `{}`: make it first with POST /v1/volumes",
+                        m.volume
+                    ))
+                })?;
+            if let Some(node) = v.node.as_deref().filter(|n| *n != self.node) {
+                return Err(DriverError::VolumeConflict(format!(
+                    "volume `{}` lives on node {node}, and this request reached node {}: create the sandbox through node {node}, \
+                     or share volumes between nodes by mounting one shared file system at [orchestrator] volumes_dir on every node \
+                     with volumes_shared = true (see deploy/README.md)",
+                    v.name, self.node
+                )));
+            }
+            if uid.is_some_and(|u| u != v.uid) {
+                return Err(DriverError::VolumeConflict(format!(
+                    "volume `{}` belongs to another uid than this sandbox's other volumes (made on another node?)",
+                    v.name
+                )));
+            }
+            uid = Some(v.uid);
+            let sub_path = match &m.sub_path {
+                Some(s) => crate::sandbox::volume::sub_path_components(s)
+                    .map_err(DriverError::VolumeInvalid)?,
+                None => Vec::new(),
+            };
+            let dir = self.volumes.dir_of(&v.owner, &v.name);
+            let opened = {
+                let (dir, sub_path, uid) = (dir.clone(), sub_path.clone(), v.uid);
+                tokio::task::spawn_blocking(move || {
+                    crate::sandbox::volume::open_confined(&dir, &sub_path, uid).map(drop)
+                })
+                .await
+                .map_err(|_| DriverError::VolumeInvalid("resolving sub_path panicked".into()))?
+            };
+            match opened {
+                Ok(()) => {}
+                Err(e @ (ConfineError::Symlink(_) | ConfineError::NotDir(_))) => {
+                    return Err(DriverError::VolumeInvalid(format!(
+                        "volume `{}`: {e}",
+                        v.name
+                    )))
+                }
+                Err(e) => {
+                    tracing::error!(volume = %v.name, owner = %v.owner, error = %e, "cannot open a volume's folder");
+                    return Err(DriverError::VolumeConflict(format!(
+                        "volume `{}` has no folder on this node ({e}); with several nodes, [orchestrator] volumes_dir must be one shared file system",
+                        v.name
+                    )));
+                }
+            }
+            binds.push(VolumeBind {
+                dir,
+                sub_path,
+                target: PathBuf::from(&m.path),
+                read_only: m.read_only,
+            });
+        }
+        Ok((uid, binds))
+    }
+
     pub fn is_running(&self, id: &str) -> bool {
         self.running.contains_key(id)
     }
@@ -291,6 +418,11 @@ impl Driver {
     /// gateway's on the same host) is left alone.
     pub async fn reconcile(&self) -> Result<usize, StoreError> {
         let mut ended = 0;
+        if let Isolation::Namespaces(iso) = &self.isolation {
+            for v in self.store.volumes().await? {
+                iso.reserve_uid(v.uid);
+            }
+        }
         let leftovers: BTreeSet<String> = match &self.isolation {
             Isolation::Namespaces(iso) => iso.leftovers().into_iter().collect(),
             _ => BTreeSet::new(),
@@ -347,6 +479,9 @@ impl Driver {
         record.process.isolation = Some(self.isolation.name().to_string());
         match &self.isolation {
             Isolation::Unavailable(why) => Err(DriverError::IsolationUnavailable(why.clone())),
+            Isolation::None if !record.process.volumes.is_empty() => Err(DriverError::VolumeInvalid(
+                "volumes are mounted by isolated sandboxes only, and this node runs command sandboxes without isolation ([orchestrator] isolation = \"none\")".into(),
+            )),
             Isolation::None => self.start_plain(record).await,
             Isolation::Namespaces(iso) => {
                 let iso = Arc::clone(iso);
@@ -371,10 +506,18 @@ impl Driver {
             max_tasks: record.process.max_processes,
         };
         let egress = !record.process.egress.is_empty();
+        // Held until the record (naming its volumes) is stored: a volume is not deleted under
+        // a sandbox that is mounting it.
+        let _volumes_held = if record.process.volumes.is_empty() {
+            None
+        } else {
+            Some(self.volumes.lock.read().await)
+        };
+        let (volume_uid, volumes) = self.resolve_volumes(&record).await?;
         let jail = {
             let iso = Arc::clone(iso);
             let id = record.id.clone();
-            tokio::task::spawn_blocking(move || iso.prepare(&id, &limits, egress))
+            tokio::task::spawn_blocking(move || iso.prepare(&id, &limits, egress, volume_uid))
                 .await
                 .map_err(|_| {
                     DriverError::Isolation(IsolationError::Launch("preparation panicked".into()))
@@ -408,7 +551,10 @@ impl Driver {
         let log = LogSink::open(&self.log_path(&record.id), self.cfg.log_max_bytes).await;
         self.routes
             .attach_netns(&record.id, Arc::clone(&jail.netns));
-        let mut child = match jail.spawn(&command, env, self.rlimits(&record)).await {
+        let mut child = match jail
+            .spawn(&command, env, self.rlimits(&record), volumes)
+            .await
+        {
             Ok(child) => child,
             Err(e) => {
                 // Could not be built: a failed sandbox with the reason, and nothing left over.

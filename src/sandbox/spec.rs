@@ -41,6 +41,22 @@ pub struct LaunchSpec {
     pub rlimits: Rlimits,
     /// Size of the private `/tmp` (tmpfs, counted against the memory limit).
     pub tmp_bytes: u64,
+    /// Volumes to bind into the root; one at `/workspace` replaces the sandbox's own.
+    #[serde(default)]
+    pub volumes: Vec<VolumeBind>,
+}
+
+/// One volume's subtree, bound by init at `target` (see [`crate::sandbox::volume`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeBind {
+    /// The volume's folder on the host.
+    pub dir: PathBuf,
+    /// `sub_path`, split and checked: resolved without following links, folders made as the
+    /// sandbox's uid.
+    pub sub_path: Vec<String>,
+    /// Where the sandbox sees it (absolute, validated).
+    pub target: PathBuf,
+    pub read_only: bool,
 }
 
 /// Runs one command inside a running sandbox: its namespaces, cgroup, user, working

@@ -43,7 +43,7 @@ use super::columns::{
 };
 use super::{
     AuditEvent, Change, CredentialRecord, IssuedToken, NodeRecord, SandboxFilter, SandboxRecord,
-    SandboxStatus, Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY,
+    SandboxStatus, Store, StoreError, StoredSigningKey, VolumeRecord, CHANGE_FEED_CAPACITY,
     EXPIRED_TOKEN_GRACE_SECS,
 };
 use crate::credential::SecretHash;
@@ -148,6 +148,15 @@ const MIGRATIONS: &[&str] = &[
      CREATE UNIQUE INDEX sandboxes_live_name ON sandboxes (owner, name)
         WHERE name IS NOT NULL AND status IN ('starting', 'running');
      CREATE INDEX sandboxes_by_owner ON sandboxes (owner, created_at, seq);",
+    // 5: named volumes, unique per owner; SQLite's migration 7.
+    "CREATE TABLE volumes (
+        owner      TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        node       TEXT,            -- the node whose disk holds it; NULL: every node's
+        uid        BIGINT NOT NULL, -- the host uid owning its files
+        PRIMARY KEY (owner, name)
+     );",
 ];
 
 /// How long one store call may take, queueing for a connection included, before it fails as
@@ -1801,9 +1810,95 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn insert_volume(&self, v: &VolumeRecord) -> Result<(), StoreError> {
+        bounded(async {
+            sqlx::query(&format!(
+                "INSERT INTO volumes ({VOLUME_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"
+            ))
+            .bind(&*text(&v.owner))
+            .bind(&*text(&v.name))
+            .bind(v.created_at)
+            .bind(v.node.as_deref().map(|n| text(n).into_owned()))
+            .bind(i64::from(v.uid))
+            .execute(self.pool())
+            .await
+            .map_err(|e| classify_insert(e, || format!("volume {} already exists", v.name)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn volume(&self, owner: &str, name: &str) -> Result<Option<VolumeRecord>, StoreError> {
+        bounded(async {
+            sqlx::query(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE owner = $1 AND name = $2"
+            ))
+            .bind(&*text(owner))
+            .bind(&*text(name))
+            .fetch_optional(self.pool())
+            .await
+            .map_err(classify)?
+            .as_ref()
+            .map(volume_row)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn volumes(&self) -> Result<Vec<VolumeRecord>, StoreError> {
+        bounded(async {
+            let rows = sqlx::query(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes ORDER BY created_at, owner, name"
+            ))
+            .fetch_all(self.pool())
+            .await
+            .map_err(classify)?;
+            rows.iter().map(volume_row).collect()
+        })
+        .await
+    }
+
+    async fn delete_volume(&self, owner: &str, name: &str) -> Result<bool, StoreError> {
+        bounded(async {
+            let n = sqlx::query("DELETE FROM volumes WHERE owner = $1 AND name = $2")
+                .bind(&*text(owner))
+                .bind(&*text(name))
+                .execute(self.pool())
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            Ok(n > 0)
+        })
+        .await
+    }
+
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
         Some(self.inner.changes.subscribe())
     }
+}
+
+const VOLUME_COLUMNS: &str = "owner, name, created_at, node, uid";
+
+fn volume_row(r: &PgRow) -> Result<VolumeRecord, StoreError> {
+    let get = || -> Result<(String, String, i64, Option<String>, i64), sqlx::Error> {
+        Ok((
+            r.try_get(0)?,
+            r.try_get(1)?,
+            r.try_get(2)?,
+            r.try_get(3)?,
+            r.try_get(4)?,
+        ))
+    };
+    let (owner, name, created_at, node, uid) = get().map_err(classify)?;
+    let uid = u32::try_from(uid)
+        .map_err(|_| StoreError::Corrupt(format!("volume {name} has uid {uid}")))?;
+    Ok(VolumeRecord {
+        owner,
+        name,
+        created_at,
+        node,
+        uid,
+    })
 }
 
 #[cfg(test)]

@@ -24,8 +24,8 @@ use super::columns::{
 };
 use super::{
     AuditEvent, BoxError, Change, CredentialRecord, IssuedToken, NodeRecord, SandboxFilter,
-    SandboxRecord, SandboxStatus, Store, StoreError, StoredSigningKey, CHANGE_FEED_CAPACITY,
-    EXPIRED_TOKEN_GRACE_SECS,
+    SandboxRecord, SandboxStatus, Store, StoreError, StoredSigningKey, VolumeRecord,
+    CHANGE_FEED_CAPACITY, EXPIRED_TOKEN_GRACE_SECS,
 };
 use crate::credential::SecretHash;
 
@@ -121,6 +121,15 @@ const MIGRATIONS: &[&str] = &[
      CREATE UNIQUE INDEX sandboxes_live_name ON sandboxes (owner, name)
         WHERE name IS NOT NULL AND status IN ('starting', 'running');
      CREATE INDEX sandboxes_by_owner ON sandboxes (owner, created_at);",
+    // 7: named volumes, unique per owner. Which sandboxes mount one is in their `process`.
+    "CREATE TABLE volumes (
+        owner      TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        node       TEXT,             -- the node whose disk holds it; NULL: every node's
+        uid        INTEGER NOT NULL, -- the host uid owning its files
+        PRIMARY KEY (owner, name)
+     ) STRICT;",
 ];
 
 /// How long a statement waits for a lock held by another connection (another `sandgate`
@@ -1082,9 +1091,73 @@ impl Store for SqliteStore {
         Ok(lost)
     }
 
+    async fn insert_volume(&self, v: &VolumeRecord) -> Result<(), StoreError> {
+        let v = v.clone();
+        self.call(move |conn| {
+            conn.execute(
+                &format!("INSERT INTO volumes ({VOLUME_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+                params![v.owner, v.name, v.created_at, v.node, v.uid],
+            )
+            .map_err(|e| classify_insert(e, || format!("volume {} already exists", v.name)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn volume(&self, owner: &str, name: &str) -> Result<Option<VolumeRecord>, StoreError> {
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.call(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE owner = ?1 AND name = ?2"
+            ))
+            .and_then(|mut stmt| stmt.query_row([&owner, &name], read_volume).optional())
+            .map_err(classify)
+        })
+        .await
+    }
+
+    async fn volumes(&self) -> Result<Vec<VolumeRecord>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {VOLUME_COLUMNS} FROM volumes ORDER BY created_at, owner, name"
+                ))
+                .map_err(classify)?;
+            let rows = stmt.query_map([], read_volume).map_err(classify)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(classify)
+        })
+        .await
+    }
+
+    async fn delete_volume(&self, owner: &str, name: &str) -> Result<bool, StoreError> {
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.call(move |conn| {
+            let n = conn
+                .execute(
+                    "DELETE FROM volumes WHERE owner = ?1 AND name = ?2",
+                    [&owner, &name],
+                )
+                .map_err(classify)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
         Some(self.changes.subscribe())
     }
+}
+
+const VOLUME_COLUMNS: &str = "owner, name, created_at, node, uid";
+
+fn read_volume(r: &Row<'_>) -> rusqlite::Result<VolumeRecord> {
+    Ok(VolumeRecord {
+        owner: r.get(0)?,
+        name: r.get(1)?,
+        created_at: r.get(2)?,
+        node: r.get(3)?,
+        uid: r.get(4)?,
+    })
 }
 
 const NODE_COLUMNS: &str =
