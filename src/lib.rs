@@ -19,7 +19,8 @@
 //!   parts: `launch` (the re-executed launcher, PID 1 and exec), `spec`, `mount` (the root
 //!   filesystem), `seccomp` (the system call filter and the emptied capability bounding set
 //!   its commands run under), `netns` (sockets inside a sandbox's network namespace), `cgroup` (limits and
-//!   total ends, v1 and v2), `egress` (the in-namespace egress proxy).
+//!   total ends, v1 and v2), `egress` (the in-namespace egress proxy), `files` (file
+//!   operations done as the sandbox's user, in its view).
 //! - [`gateway`]: opens everything from a config (store, keys, certs, admin key) into shared state.
 //! - [`server`]: listeners, one single-threaded runtime per core, TLS accept, HTTP/1.1 + HTTP/2
 //!   serving, graceful shutdown.

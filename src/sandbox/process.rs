@@ -56,6 +56,10 @@ pub enum DriverError {
     /// Namespaces, cgroup or launcher failed for this sandbox.
     #[error(transparent)]
     Isolation(#[from] IsolationError),
+    /// The sandbox runs as a plain host process (`isolation = "none"`): there is no view of
+    /// its own to confine file operations to.
+    #[error("the files API works on isolated sandboxes only; this one runs as a plain host process ([orchestrator] isolation = \"none\"): use exec to read or write its files")]
+    NotIsolated,
 }
 
 /// How this node keeps `command` sandboxes in (`[orchestrator] isolation`).
@@ -871,6 +875,27 @@ impl Driver {
             timed_out,
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
+    }
+
+    /// The launcher command for one file operation inside an isolated sandbox, as its user
+    /// sees its files ([`crate::sandbox::files`]), and the spec line to send it first.
+    pub fn files_command(
+        &self,
+        record: &SandboxRecord,
+        op: crate::sandbox::spec::FileOp,
+    ) -> Result<(Command, Vec<u8>), DriverError> {
+        let jail = self.running.get(&record.id).and_then(|r| r.jail.clone());
+        match (&self.isolation, jail) {
+            (Isolation::Namespaces(_), Some(jail)) => {
+                let writable = crate::sandbox::files::WRITABLE
+                    .iter()
+                    .map(PathBuf::from)
+                    .collect();
+                Ok(jail.files_command(op, writable)?)
+            }
+            (Isolation::Namespaces(_), None) => Err(DriverError::NotRunning),
+            _ => Err(DriverError::NotIsolated),
+        }
     }
 
     /// `prlimit <limits> -- <command>` in its own process group, with the sandbox's
