@@ -30,6 +30,7 @@ use crate::store::{
 use crate::token::IssueRequest;
 use crate::unix_now;
 
+mod files;
 mod volume;
 
 type AppState = Arc<Gateway>;
@@ -53,6 +54,12 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         )
         .route("/v1/sandboxes/{id}/connect-tokens", post(create_token))
         .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(files::get_file)
+                .put(files::put_file)
+                .delete(files::delete_file),
+        )
         .route("/v1/sandboxes/{id}/logs", get(logs))
         .route("/v1/sandboxes/{id}/stats", get(stats))
         .route("/v1/connect-tokens", get(list_tokens))
@@ -1254,6 +1261,7 @@ fn driver_error(e: crate::sandbox::process::DriverError) -> HttpError {
             HttpError::unavailable("no free host port left for this sandbox")
         }
         DriverError::NotRunning => HttpError::conflict("the sandbox is not running"),
+        DriverError::NotIsolated => HttpError::conflict(e.to_string()),
         DriverError::IsolationUnavailable(why) => HttpError::isolation_unavailable(why),
         DriverError::Isolation(err) => {
             tracing::error!(error = %err, "cannot isolate a sandbox");

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
@@ -77,12 +78,21 @@ impl Service<Name> for LocalhostResolver {
     }
 }
 
+/// A request body: whole (JSON) or streamed (uploads).
+pub type RequestBody = UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn whole(bytes: Bytes) -> RequestBody {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 /// A JSON client for the control API.
 #[derive(Clone)]
 pub struct ApiClient {
     base: String,
     api_key: Option<String>,
-    http: Client<HttpsConnector<HttpConnector<LocalhostResolver>>, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector<LocalhostResolver>>, RequestBody>,
 }
 
 impl std::fmt::Debug for ApiClient {
@@ -160,13 +170,29 @@ impl ApiClient {
         method: Method,
         path: &str,
     ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        self.send_body(method, path, None, whole(Bytes::new()))
+            .await
+    }
+
+    /// Sends `body` (streamed as it is produced; `length` when known) and returns the
+    /// response with its body unread.
+    pub async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        length: Option<u64>,
+        body: RequestBody,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut req = Request::builder().method(method).uri(&url);
         if let Some(key) = &self.api_key {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
         }
+        if let Some(len) = length {
+            req = req.header(http::header::CONTENT_LENGTH, len);
+        }
         let req = req
-            .body(Full::new(Bytes::new()))
+            .body(body)
             .map_err(|_| ClientError::BadUrl(url.clone()))?;
         self.http
             .request(req)
@@ -197,7 +223,7 @@ impl ApiClient {
             None => Bytes::new(),
         };
         let req = req
-            .body(Full::new(payload))
+            .body(whole(payload))
             .map_err(|_| ClientError::BadUrl(url.clone()))?;
         let connect_err = |detail: String| ClientError::Connect {
             url: self.base.clone(),

@@ -20,7 +20,8 @@
 //!   filesystem), `seccomp` (the system call filter and the emptied capability bounding set
 //!   its commands run under), `netns` (sockets inside a sandbox's network namespace), `cgroup` (limits and
 //!   total ends, v1 and v2), `egress` (the in-namespace egress proxy), `volume` (named
-//!   volumes on disk: confined sub-paths, sizes, whose uid their files are).
+//!   volumes on disk: confined sub-paths, sizes, whose uid their files are), `files` (file
+//!   operations done as the sandbox's user, in its view).
 //! - [`gateway`]: opens everything from a config (store, keys, certs, admin key) into shared state.
 //! - [`server`]: listeners, one single-threaded runtime per core, TLS accept, HTTP/1.1 + HTTP/2
 //!   serving, graceful shutdown.

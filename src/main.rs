@@ -65,6 +65,29 @@ enum Command {
         #[command(subcommand)]
         command: CredentialCommand,
     },
+    /// Copy a file into or out of a running isolated sandbox, streamed (`-` is stdin or
+    /// stdout).
+    #[command(
+        after_help = "Examples:\n  sandgate cp ./data.csv sb-1a2b:/workspace/data.csv\n  sandgate cp --mode 0755 build.sh sb-1a2b:/workspace/bin/build.sh\n  sandgate cp sb-1a2b:/workspace/out.tar.gz .\n  tar c src | sandgate cp - sb-1a2b:/tmp/src.tar"
+    )]
+    Cp {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Where from: a local path, `-` (stdin), or SANDBOX:PATH.
+        source: String,
+        /// Where to: SANDBOX:PATH, or a local path (a folder keeps the name), `-` (stdout).
+        dest: String,
+        /// Permission bits of an uploaded file, octal (e.g. 0755).
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// List a folder of a running isolated sandbox (SANDBOX:PATH).
+    Ls {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// SANDBOX:PATH, e.g. sb-1a2b:/workspace
+        target: String,
+    },
     /// Show recent audit events (admin; calls the API).
     Audit {
         #[command(flatten)]
@@ -428,6 +451,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sandbox { api, command } => sandbox_command(api, command).await,
         Command::Token { api, command } => token_command(api, command).await,
         Command::Credential { api, command } => credential_command(api, command).await,
+        Command::Cp {
+            api,
+            source,
+            dest,
+            mode,
+        } => copy(&api, &source, &dest, mode.as_deref()).await,
+        Command::Ls { api, target } => list_files(&api, &target).await,
         Command::Audit { api, limit } => {
             let client = connect(&api)?;
             let r = client
@@ -1031,6 +1061,310 @@ async fn stream_logs(api: &ApiArgs, client: &ApiClient, path: &str) -> anyhow::R
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files: cp and ls
+
+/// `SANDBOX:/path` → (id, path); anything else is local (write `./a:/b` for a local file
+/// whose name looks like one).
+fn remote(arg: &str) -> Option<(&str, &str)> {
+    let (id, path) = arg.split_once(':')?;
+    let is_id = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    (is_id && path.starts_with('/')).then_some((id, path))
+}
+
+fn files_path(id: &str, path: &str, extra: &str) -> anyhow::Result<String> {
+    let path: String = url::form_urlencoded::byte_serialize(path.as_bytes()).collect();
+    Ok(format!(
+        "/v1/sandboxes/{}/files?path={path}{extra}",
+        path_segment(id)?
+    ))
+}
+
+/// A byte count on standard error, redrawn at most ten times a second, on a terminal only.
+struct Progress {
+    total: Option<u64>,
+    done: u64,
+    shown: bool,
+    started: std::time::Instant,
+    drawn: Option<std::time::Instant>,
+}
+
+impl Progress {
+    fn new(total: Option<u64>) -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            total,
+            done: 0,
+            shown: std::io::stderr().is_terminal(),
+            started: std::time::Instant::now(),
+            drawn: None,
+        }
+    }
+
+    fn add(&mut self, n: usize) {
+        self.done += n as u64;
+        if self.shown
+            && self
+                .drawn
+                .is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100))
+        {
+            self.draw();
+        }
+    }
+
+    fn draw(&mut self) {
+        fn human(n: u64) -> String {
+            let mut v = n as f64;
+            for unit in ["B", "KiB", "MiB", "GiB"] {
+                if v < 1024.0 || unit == "GiB" {
+                    return format!("{v:.1} {unit}");
+                }
+                v /= 1024.0;
+            }
+            unreachable!("the loop returns at GiB")
+        }
+        let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        let text = match self.total {
+            Some(t) if t > 0 => format!(
+                "{} / {} ({:.0}%), {}/s",
+                human(self.done),
+                human(t),
+                self.done as f64 * 100.0 / t as f64,
+                human(rate as u64)
+            ),
+            _ => format!("{}, {}/s", human(self.done), human(rate as u64)),
+        };
+        eprint!("\r\x1b[K{text}");
+        self.drawn = Some(std::time::Instant::now());
+    }
+
+    fn end(mut self) {
+        if self.shown {
+            self.draw();
+            eprintln!();
+        }
+    }
+}
+
+/// Reads a response's error body (small) and reports it as [`finish`] does.
+async fn report_failure(
+    api: &ApiArgs,
+    response: http::Response<hyper::body::Incoming>,
+) -> anyhow::Result<ExitCode> {
+    use http_body_util::BodyExt;
+    let status = response.status();
+    let body = http_body_util::Limited::new(response.into_body(), 1024 * 1024)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    finish(api, ApiResponse { status, body }, |_| {})
+}
+
+async fn copy(
+    api: &ApiArgs,
+    source: &str,
+    dest: &str,
+    mode: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    match (remote(source), remote(dest)) {
+        (None, Some((id, path))) => upload(api, source, id, path, mode).await,
+        (Some((id, path)), None) => {
+            if mode.is_some() {
+                bail!("--mode applies to uploads (a local source, a SANDBOX:PATH destination)");
+            }
+            download(api, id, path, dest).await
+        }
+        (Some(_), Some(_)) => bail!("copy between two sandboxes through a local file or `-`: sandgate cp A:/x - | sandgate cp - B:/x"),
+        (None, None) => bail!("one side must be SANDBOX:PATH (e.g. sb-1a2b:/workspace/a.txt)"),
+    }
+}
+
+async fn upload(
+    api: &ApiArgs,
+    source: &str,
+    id: &str,
+    path: &str,
+    mode: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    let client = connect(api)?;
+    let (reader, length): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Option<u64>) =
+        if source == "-" {
+            (Box::new(tokio::io::stdin()), None)
+        } else {
+            let file = tokio::fs::File::open(source)
+                .await
+                .with_context(|| format!("cannot open {source}"))?;
+            let meta = file.metadata().await?;
+            if meta.is_dir() {
+                bail!("{source} is a folder; sandgate cp copies one file (tar it, and copy `-`)");
+            }
+            (Box::new(file), Some(meta.len()))
+        };
+    let progress = std::sync::Arc::new(std::sync::Mutex::new(Progress::new(length)));
+    let counted = std::sync::Arc::clone(&progress);
+    // One 64 KiB chunk at a time: the next is read only when the connection took this one.
+    let chunks = futures_util::stream::unfold(reader, |mut reader| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        match reader.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(bytes::Bytes::from(buf)), reader))
+            }
+            Err(e) => Some((Err(e), reader)),
+        }
+    })
+    .map(move |chunk: std::io::Result<bytes::Bytes>| {
+        if let Ok(c) = &chunk {
+            counted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .add(c.len());
+        }
+        chunk.map(http_body::Frame::data)
+    });
+    let body = http_body_util::StreamBody::new(chunks).boxed_unsync();
+    let extra = match mode {
+        Some(m) => format!(
+            "&mode={}",
+            url::form_urlencoded::byte_serialize(m.as_bytes()).collect::<String>()
+        ),
+        None => String::new(),
+    };
+    let response = client
+        .send_body(Method::PUT, &files_path(id, path, &extra)?, length, body)
+        .await?;
+    if let Ok(p) = std::sync::Arc::try_unwrap(progress) {
+        p.into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .end();
+    }
+    if !response.status().is_success() {
+        return report_failure(api, response).await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn download(api: &ApiArgs, id: &str, path: &str, dest: &str) -> anyhow::Result<ExitCode> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let client = connect(api)?;
+    let response = client
+        .stream(Method::GET, &files_path(id, path, "")?)
+        .await?;
+    if !response.status().is_success() {
+        return report_failure(api, response).await;
+    }
+    let is_listing = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_listing {
+        bail!("{id}:{path} is a folder; sandgate cp copies one file (see sandgate ls)");
+    }
+    let length = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = if dest == "-" {
+        Box::new(tokio::io::stdout())
+    } else {
+        let mut target = PathBuf::from(dest);
+        if target.is_dir() {
+            let name = Path::new(path)
+                .file_name()
+                .context("the remote path names no file")?;
+            target.push(name);
+        }
+        Box::new(
+            tokio::fs::File::create(&target)
+                .await
+                .with_context(|| format!("cannot write {}", target.display()))?,
+        )
+    };
+    let mut progress = Progress::new(length);
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("the download broke off")?;
+        if let Some(data) = frame.data_ref() {
+            out.write_all(data).await?;
+            progress.add(data.len());
+        }
+    }
+    out.flush().await?;
+    progress.end();
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list_files(api: &ApiArgs, target: &str) -> anyhow::Result<ExitCode> {
+    let Some((id, path)) = remote(target) else {
+        bail!("give SANDBOX:PATH, e.g. sb-1a2b:/workspace");
+    };
+    let client = connect(api)?;
+    let response = client
+        .stream(Method::GET, &files_path(id, path, "")?)
+        .await?;
+    if !response.status().is_success() {
+        return report_failure(api, response).await;
+    }
+    let is_listing = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !is_listing {
+        // A file: its size is in the headers; its bytes are not needed.
+        let size = response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string();
+        drop(response);
+        if api.json {
+            println!(
+                "{}",
+                json!({"name": path, "type": "file", "size": size.parse::<u64>().ok()})
+            );
+        } else {
+            println!("file  {size}  {path}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = response.status();
+    let body = {
+        use http_body_util::BodyExt;
+        response.into_body().collect().await?.to_bytes()
+    };
+    finish(api, ApiResponse { status, body }, |v| {
+        table(
+            &["TYPE", "MODE", "SIZE", "MODIFIED", "NAME"],
+            items(v)
+                .iter()
+                .map(|e| {
+                    vec![
+                        s(e, "type"),
+                        s(e, "mode"),
+                        s(e, "size"),
+                        s(e, "modified_at"),
+                        s(e, "name"),
+                    ]
+                })
+                .collect(),
+        );
+        if v["truncated"].as_bool() == Some(true) {
+            eprintln!("sandgate: the folder holds more entries than one listing shows");
+        }
+    })
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {

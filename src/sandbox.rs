@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod egress;
+pub mod files;
 pub mod isolate;
 pub mod launch;
 pub mod mount;

@@ -8,7 +8,8 @@
 //!   folders. Nothing runs yet.
 //! - [`Jail::spawn`]: the launcher ([`crate::sandbox::launch`]) builds the sandbox and starts
 //!   its command; the jail then holds descriptors of its namespaces for `exec`.
-//! - [`Jail::exec_command`]: one more command inside, by those descriptors.
+//! - [`Jail::exec_command`]: one more command inside, by those descriptors;
+//!   [`Jail::files_command`]: one file operation inside, the same way.
 //! - [`Jail::signal_all`], [`Jail::release`]: SIGTERM to every task of the cgroup, then (after
 //!   the grace period) SIGKILL to all, and the cgroup, the namespace, the uid and the folders
 //!   are released.
@@ -25,7 +26,7 @@ use crate::config::OrchestratorConfig;
 use crate::sandbox::cgroup::{CgroupRoot, Limits, SandboxCgroup};
 use crate::sandbox::launch;
 use crate::sandbox::netns::NetNs;
-use crate::sandbox::spec::{to_line, ExecSpec, LaunchSpec, Rlimits, VolumeBind};
+use crate::sandbox::spec::{to_line, ExecSpec, FileOp, FilesSpec, LaunchSpec, Rlimits, VolumeBind};
 
 /// The port of the egress proxy inside every sandbox that has egress; never publishable.
 pub const EGRESS_PORT: u16 = 3128;
@@ -368,13 +369,8 @@ impl Jail {
             .unwrap_or_else(PoisonError::into_inner) = Some(held);
     }
 
-    /// The launcher command for one exec, and the spec line to write first on its stdin.
-    pub fn exec_command(
-        &self,
-        command: &[String],
-        env: BTreeMap<String, String>,
-        rlimits: Rlimits,
-    ) -> Result<(tokio::process::Command, Vec<u8>), IsolationError> {
+    /// Where the launcher opens the sandbox's namespaces: the descriptors this gateway holds.
+    fn namespace_paths(&self) -> Result<BTreeMap<String, String>, IsolationError> {
         let me = std::process::id();
         let mut namespaces: BTreeMap<String, String> = self
             .namespaces
@@ -386,8 +382,38 @@ impl Jail {
             .map(|(name, fd)| (name.clone(), format!("/proc/{me}/fd/{}", fd.as_raw_fd())))
             .collect();
         namespaces.insert("net".into(), self.netns.proc_path());
+        Ok(namespaces)
+    }
+
+    /// The launcher command for one file operation as the sandbox's user, in its view
+    /// ([`crate::sandbox::files`]), and the spec line to write first on its stdin.
+    pub fn files_command(
+        &self,
+        op: FileOp,
+        writable: Vec<PathBuf>,
+    ) -> Result<(tokio::process::Command, Vec<u8>), IsolationError> {
+        let spec = FilesSpec {
+            namespaces: self.namespace_paths()?,
+            cgroup_procs: self.procs_files()?,
+            uid: self.uid,
+            gid: self.uid,
+            writable,
+            op,
+        };
+        let mut cmd = tokio::process::Command::new(launch::launcher());
+        cmd.arg(launch::FILES).env_clear();
+        Ok((cmd, to_line(&spec)))
+    }
+
+    /// The launcher command for one exec, and the spec line to write first on its stdin.
+    pub fn exec_command(
+        &self,
+        command: &[String],
+        env: BTreeMap<String, String>,
+        rlimits: Rlimits,
+    ) -> Result<(tokio::process::Command, Vec<u8>), IsolationError> {
         let spec = ExecSpec {
-            namespaces,
+            namespaces: self.namespace_paths()?,
             cgroup_procs: self.procs_files()?,
             uid: self.uid,
             gid: self.uid,

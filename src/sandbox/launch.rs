@@ -24,6 +24,11 @@
 //! **exec** joins a running sandbox the same way (cgroup, then its namespaces by the
 //! descriptors the gateway holds), confines itself as init did, and runs one command as its
 //! user; whatever follows the spec line on standard input is the command's.
+//!
+//! **files** joins a running sandbox as exec does, confines itself the same way, then becomes
+//! the sandbox's user itself and performs one file operation ([`crate::sandbox::files`]) in
+//! the sandbox's own view of its files: whatever a path or a link planted by the sandbox
+//! names, it is resolved in that view, with that user's rights, so no host file is reachable.
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -33,12 +38,13 @@ use std::process::{Command, ExitCode, Stdio};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
-use crate::sandbox::spec::{read_line, to_line, ExecSpec, LaunchSpec, Rlimits};
+use crate::sandbox::spec::{read_line, to_line, ExecSpec, FilesSpec, LaunchSpec, Rlimits};
 
 /// The hidden first arguments.
 pub const LAUNCH: &str = "__sandbox-launch";
 pub const INIT: &str = "__sandbox-init";
 pub const EXEC: &str = "__sandbox-exec";
+pub const FILES: &str = "__sandbox-files";
 
 /// The binary that plays the launcher: this one (`/proc/self/exe`, which still names the
 /// running file after an upgrade replaced it on disk), unless [`set_launcher`] named another.
@@ -61,6 +67,7 @@ pub fn dispatch(role: &str) -> Option<ExitCode> {
         LAUNCH => Some(run_launch()),
         INIT => Some(run_init()),
         EXEC => Some(run_exec()),
+        FILES => Some(run_files()),
         _ => None,
     }
 }
@@ -318,6 +325,80 @@ fn reap_until(main: u32) -> ExitCode {
     }
 }
 
+/// Joins a running sandbox: its cgroup first (so nothing of this process is ever outside it),
+/// then its namespaces by the paths the gateway gave, the mount namespace last (the others
+/// are opened by host paths). The PID namespace applies to children only.
+fn join_sandbox(
+    cgroup_procs: &[std::path::PathBuf],
+    namespaces: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    join_cgroup(cgroup_procs)?;
+    for (name, kind) in [
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ] {
+        if let Some(path) = namespaces.get(name) {
+            join_ns(path, kind, name)?;
+        } else if name != "cgroup" {
+            return Err(format!("no {name} namespace given"));
+        }
+    }
+    Ok(())
+}
+
+/// The files role: everything it has to say goes to standard output as the reply line of
+/// [`crate::sandbox::files`], failures to join included.
+fn run_files() -> ExitCode {
+    use crate::sandbox::files::{self, Reply};
+    // Unbuffered, as exec: what follows the spec line is the file's content.
+    let (Ok(input), Ok(output)) = (
+        std::io::stdin().as_fd().try_clone_to_owned(),
+        std::io::stdout().as_fd().try_clone_to_owned(),
+    ) else {
+        return ExitCode::from(LAUNCH_FAILED);
+    };
+    let mut input = std::fs::File::from(input);
+    let mut output = std::fs::File::from(output);
+    let spec: FilesSpec = match read_line(&mut input) {
+        Ok(s) => s,
+        Err(e) => {
+            files::reply(
+                &mut output,
+                &Reply::failed(format!("cannot read the files spec: {e}")),
+            );
+            return ExitCode::from(LAUNCH_FAILED);
+        }
+    };
+    let entered = (|| -> Result<(), String> {
+        join_sandbox(&spec.cgroup_procs, &spec.namespaces)?;
+        nix::sys::prctl::set_no_new_privs()
+            .map_err(|e| format!("cannot set no-new-privileges: {e}"))?;
+        // Confined as exec is (setns is among the refused calls: after joining)...
+        crate::sandbox::seccomp::confine()?;
+        // ... then the sandbox's user, for good: no supplementary group, and with the change
+        // of uid every capability goes (and the process becomes undumpable).
+        nix::unistd::setgroups(&[]).map_err(|e| format!("cannot drop groups: {e}"))?;
+        nix::unistd::setgid(nix::unistd::Gid::from_raw(spec.gid))
+            .map_err(|e| format!("cannot become the sandbox's group: {e}"))?;
+        nix::unistd::setuid(nix::unistd::Uid::from_raw(spec.uid))
+            .map_err(|e| format!("cannot become the sandbox's user: {e}"))?;
+        if nix::unistd::geteuid().is_root() || nix::unistd::getegid().as_raw() == 0 {
+            return Err("the file operation would run as root; refusing".into());
+        }
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        Ok(())
+    })();
+    if let Err(e) = entered {
+        files::reply(&mut output, &Reply::failed(e));
+        return ExitCode::from(LAUNCH_FAILED);
+    }
+    files::perform(&spec, &mut input, &mut output)
+}
+
 fn run_exec() -> ExitCode {
     block_termination_signals();
     // Unbuffered (`Stdin` would read ahead): what follows the spec line is the command's.
@@ -332,22 +413,7 @@ fn run_exec() -> ExitCode {
         }
     };
     let joined = (|| -> Result<(), String> {
-        join_cgroup(&spec.cgroup_procs)?;
-        // The mount namespace last: the others are opened by host paths.
-        for (name, kind) in [
-            ("ipc", CloneFlags::CLONE_NEWIPC),
-            ("uts", CloneFlags::CLONE_NEWUTS),
-            ("net", CloneFlags::CLONE_NEWNET),
-            ("pid", CloneFlags::CLONE_NEWPID),
-            ("cgroup", CloneFlags::CLONE_NEWCGROUP),
-            ("mnt", CloneFlags::CLONE_NEWNS),
-        ] {
-            if let Some(path) = spec.namespaces.get(name) {
-                join_ns(path, kind, name)?;
-            } else if name != "cgroup" {
-                return Err(format!("no {name} namespace given"));
-            }
-        }
+        join_sandbox(&spec.cgroup_procs, &spec.namespaces)?;
         apply_rlimits(&spec.rlimits)?;
         nix::sys::prctl::set_no_new_privs()
             .map_err(|e| format!("cannot set no-new-privileges: {e}"))?;

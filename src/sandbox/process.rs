@@ -64,6 +64,10 @@ pub enum DriverError {
     /// The volume is not this node's to mount (it lives on another node).
     #[error("{0}")]
     VolumeConflict(String),
+    /// The sandbox runs as a plain host process (`isolation = "none"`): there is no view of
+    /// its own to confine file operations to.
+    #[error("the files API works on isolated sandboxes only; this one runs as a plain host process ([orchestrator] isolation = \"none\"): use exec to read or write its files")]
+    NotIsolated,
 }
 
 /// How this node keeps `command` sandboxes in (`[orchestrator] isolation`).
@@ -151,6 +155,8 @@ pub struct Driver {
     /// Process groups of `exec` commands in flight, per sandbox: they run in groups of their
     /// own (so a timeout kills exactly them), and end with the sandbox.
     execs: DashMap<String, BTreeSet<i32>>,
+    /// File operations in progress, per sandbox: like a running exec, they keep it busy.
+    file_ops: DashMap<String, usize>,
     ports: Mutex<BTreeSet<u16>>,
     /// The unprivileged user sandboxes run as; `None`: the gateway's own user.
     identity: Option<Identity>,
@@ -238,6 +244,7 @@ impl Driver {
             tracker,
             running: DashMap::new(),
             execs: DashMap::new(),
+            file_ops: DashMap::new(),
             ports: Mutex::new(BTreeSet::new()),
         }
     }
@@ -741,7 +748,37 @@ impl Driver {
     /// True while sandbox `id` has an open client or relay connection, or a running exec:
     /// activity that lasts, rather than happens at one moment.
     pub fn busy(&self, id: &str) -> bool {
-        self.tracker.open_in(id) > 0 || self.execs.contains_key(id)
+        self.tracker.open_in(id) > 0
+            || self.execs.contains_key(id)
+            || self.file_ops.contains_key(id)
+    }
+
+    /// Marks a file operation on sandbox `id` as in progress until the guard is dropped (for a
+    /// download: when its body is done), which counts as activity for its idle timeout.
+    pub fn file_op(self: &Arc<Self>, id: &str) -> FileOpGuard {
+        self.touch(id);
+        *self.file_ops.entry(id.to_string()).or_insert(0) += 1;
+        FileOpGuard {
+            driver: Arc::clone(self),
+            id: id.to_string(),
+        }
+    }
+
+    /// The places in sandbox `record` that file writes and deletes may touch: `/workspace`,
+    /// `/tmp` and its writable volumes.
+    pub fn writable_places(record: &SandboxRecord) -> Vec<PathBuf> {
+        crate::sandbox::files::WRITABLE
+            .iter()
+            .map(PathBuf::from)
+            .chain(
+                record
+                    .process
+                    .volumes
+                    .iter()
+                    .filter(|v| !v.read_only)
+                    .map(|v| PathBuf::from(&v.path)),
+            )
+            .collect()
     }
 
     /// Notes activity in sandbox `id` for its idle timeout: for operations that are not
@@ -1070,6 +1107,23 @@ impl Driver {
         })
     }
 
+    /// The launcher command for one file operation inside an isolated sandbox, as its user
+    /// sees its files ([`crate::sandbox::files`]), and the spec line to send it first.
+    pub fn files_command(
+        &self,
+        record: &SandboxRecord,
+        op: crate::sandbox::spec::FileOp,
+    ) -> Result<(Command, Vec<u8>), DriverError> {
+        let jail = self.running.get(&record.id).and_then(|r| r.jail.clone());
+        match (&self.isolation, jail) {
+            (Isolation::Namespaces(_), Some(jail)) => {
+                Ok(jail.files_command(op, Driver::writable_places(record))?)
+            }
+            (Isolation::Namespaces(_), None) => Err(DriverError::NotRunning),
+            _ => Err(DriverError::NotIsolated),
+        }
+    }
+
     /// `prlimit <limits> -- <command>` in its own process group, with the sandbox's
     /// environment and nothing else: see [`sandbox_env`].
     fn command(
@@ -1178,6 +1232,22 @@ impl Drop for ExecGroup<'_> {
         self.driver
             .execs
             .remove_if(&self.id, |_, groups| groups.is_empty());
+    }
+}
+
+/// A file operation in progress (see [`Driver::file_op`]).
+pub struct FileOpGuard {
+    driver: Arc<Driver>,
+    id: String,
+}
+
+impl Drop for FileOpGuard {
+    fn drop(&mut self) {
+        if let Some(mut n) = self.driver.file_ops.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+        }
+        self.driver.file_ops.remove_if(&self.id, |_, n| *n == 0);
+        self.driver.touch(&self.id);
     }
 }
 

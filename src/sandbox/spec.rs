@@ -127,3 +127,36 @@ pub fn to_line<T: Serialize>(spec: &T) -> Vec<u8> {
     line.push(b'\n');
     line
 }
+
+/// One file operation inside a running sandbox, as its own user sees its files
+/// ([`crate::sandbox::files`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FilesSpec {
+    /// As [`ExecSpec::namespaces`].
+    pub namespaces: BTreeMap<String, String>,
+    pub cgroup_procs: Vec<PathBuf>,
+    pub uid: u32,
+    pub gid: u32,
+    /// Where writes and deletes may happen, as the sandbox sees them (`/workspace`, `/tmp`).
+    pub writable: Vec<PathBuf>,
+    pub op: FileOp,
+}
+
+/// What [`FilesSpec`] asks for. Paths are absolute and normalized (no `.`, `..` or `//`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum FileOp {
+    /// Standard input carries the content, framed (see [`crate::sandbox::files`]).
+    Write {
+        path: PathBuf,
+        mode: Option<u32>,
+    },
+    /// A file's bytes, or a folder's listing, on standard output.
+    Read {
+        path: PathBuf,
+    },
+    Delete {
+        path: PathBuf,
+        recursive: bool,
+    },
+}
