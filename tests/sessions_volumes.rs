@@ -361,3 +361,58 @@ async fn volumes_outlive_the_gateway() {
     assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
     gw.stop().await;
 }
+
+/// The files API writes where the sandbox may: its writable volumes too, never a read-only one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_files_api_writes_a_writable_volume_and_not_a_read_only_one() {
+    if !can_isolate() {
+        return;
+    }
+    let gw = TestGateway::start().await;
+    let (status, v) = gw
+        .api(Method::POST, "/v1/volumes", Some(json!({"name": "agents"})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let id = sandbox(
+        &gw,
+        json!([{"volume": "agents", "path": "/data", "sub_path": "s1"},
+               {"volume": "agents", "path": "/ro", "sub_path": "s1", "read_only": true}]),
+    )
+    .await;
+    let file = |method: Method, path: &str, body: &'static str| {
+        let tls = gw.tls();
+        let key = gw.admin_key.clone();
+        let uri = format!("/v1/sandboxes/{id}/files?path={path}");
+        async move {
+            api_raw(
+                &tls,
+                Some(&key),
+                method,
+                &uri,
+                Some("application/octet-stream"),
+                body,
+            )
+            .await
+        }
+    };
+    let put = file(Method::PUT, "/data/hello.txt", "from the files API").await;
+    assert_eq!(put.status(), StatusCode::CREATED, "{:?}", put.body());
+    let (code, out) = sh(&gw, &id, "cat /data/hello.txt; echo; cat /ro/hello.txt").await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out, "from the files API\nfrom the files API");
+    let got = file(Method::GET, "/ro/hello.txt", "").await;
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(&got.body()[..], b"from the files API");
+    // The read-only mount is not a writable place: refused before anything runs.
+    let refused = file(Method::PUT, "/ro/other.txt", "x").await;
+    assert_eq!(
+        refused.status(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{:?}",
+        refused.body()
+    );
+    let (_, out) = sh(&gw, &id, "ls /data").await;
+    assert_eq!(out.trim(), "hello.txt");
+    delete_sandbox(&gw, &id).await;
+    gw.stop().await;
+}
