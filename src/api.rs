@@ -31,6 +31,7 @@ use crate::token::IssueRequest;
 use crate::unix_now;
 
 mod files;
+mod image;
 mod volume;
 
 type AppState = Arc<Gateway>;
@@ -72,6 +73,11 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             "/v1/volumes/{name}",
             get(volume::get_volume).delete(volume::delete_volume),
         )
+        .route(
+            "/v1/images",
+            post(image::import_image).get(image::list_images),
+        )
+        .route("/v1/images/{name}", delete(image::delete_image))
         .route("/v1/audit", get(audit))
         .route("/v1/nodes", get(list_nodes))
         .fallback(|| async { HttpError::not_found("no such endpoint") })
@@ -503,6 +509,9 @@ struct CreateSandbox {
     tags: BTreeMap<String, String>,
     /// Volumes to mount (isolated `command` sandboxes).
     volumes: Option<Vec<VolumeBody>>,
+    /// The root filesystem (isolated `command` sandboxes): `host` (the default) or an
+    /// imported image, whose `Cmd` is the command when `command` is left out.
+    image: Option<String>,
 }
 
 /// One entry of `volumes` on creation.
@@ -687,6 +696,46 @@ async fn create_sandbox(
         ));
     }
     check_tags(&body.tags)?;
+    // An imported image: its config fills in the command, environment and working folder.
+    let image = match body.image.as_deref() {
+        None | Some(sandbox::image::HOST) => None,
+        Some(_) if body.upstream.is_some() => {
+            return Err(HttpError::invalid_argument(
+                "`image` applies to isolated `command` sandboxes only",
+            ))
+        }
+        Some(name) => {
+            let driver = gw.driver.as_ref().ok_or_else(|| {
+                HttpError::invalid_argument(
+                    "this node runs no sandboxes ([orchestrator] enabled = false), so it has no images",
+                )
+            })?;
+            let images = Arc::clone(driver.images());
+            let n = name.to_string();
+            let meta = tokio::task::spawn_blocking(move || images.get(&n))
+                .await
+                .map_err(|_| HttpError::internal())?;
+            Some(meta.ok_or_else(|| {
+                HttpError::invalid_argument(format!(
+                    "no image named `{}`: see GET /v1/images, or import one with POST /v1/images?name=N",
+                    name.chars().take(63).collect::<String>()
+                ))
+            })?)
+        }
+    };
+    let mut body = body;
+    if let Some(meta) = &image {
+        if body.command.is_none() {
+            let command = meta.command();
+            if command.is_empty() {
+                return Err(HttpError::invalid_argument(
+                    "the image has no Cmd; give a command",
+                ));
+            }
+            body.command = Some(command);
+        }
+    }
+    let body = body;
     let upstream = match (&body.command, &body.upstream) {
         (Some(_), Some(_)) => {
             return Err(HttpError::invalid_argument(
@@ -844,6 +893,20 @@ async fn create_sandbox(
         record.process.egress = egress;
         record.process.idle_timeout_secs = idle_timeout_secs;
         record.process.volumes = volumes;
+        if let Some(meta) = &image {
+            // The image's `Env` under the sandbox's own: the create's `env` wins.
+            let mut env = meta.env_map();
+            env.retain(|k, _| {
+                k != "PORT" && !k.starts_with("PORT_") && !k.starts_with("SANDGATE_")
+            });
+            env.extend(std::mem::take(&mut record.env));
+            record.env = env;
+            record.process.image = Some(meta.name.clone());
+            record.process.working_dir = meta
+                .working_dir
+                .clone()
+                .filter(|w| w.starts_with('/') && !w.contains('\0'));
+        }
     }
     // The look-up answers a taken name before a process is started for nothing; the store's
     // check at insert is what makes it race-free (of two creates with one name, one inserts,

@@ -435,6 +435,7 @@ struct RawOrchestrator {
     egress_hosts: std::collections::BTreeMap<String, String>,
     volumes_dir: Option<PathBuf>,
     volumes_shared: bool,
+    max_image_bytes: u64,
 }
 
 impl Default for RawOrchestrator {
@@ -461,6 +462,7 @@ impl Default for RawOrchestrator {
             egress_hosts: std::collections::BTreeMap::new(),
             volumes_dir: None,
             volumes_shared: false,
+            max_image_bytes: 4 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -558,6 +560,9 @@ pub struct OrchestratorConfig {
     /// belongs to no node and any node's sandboxes may mount it. Off: a volume lives on the
     /// node that made it.
     pub volumes_shared: bool,
+    /// Largest image archive `POST /v1/images` takes (413 past it); its layers may unpack to
+    /// 4 × this at most.
+    pub max_image_bytes: u64,
 }
 
 /// `[orchestrator] isolation`.
@@ -1077,6 +1082,7 @@ impl Config {
                 .map(resolve)
                 .unwrap_or_else(|| store.data_dir.join("volumes")),
             volumes_shared: o.volumes_shared,
+            max_image_bytes: o.max_image_bytes.max(1024),
         };
 
         let a = raw.api;

@@ -7,6 +7,7 @@
 pub mod cgroup;
 pub mod egress;
 pub mod files;
+pub mod image;
 pub mod isolate;
 pub mod launch;
 pub mod mount;

@@ -279,6 +279,13 @@ pub struct ProcessInfo {
     /// it lives.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeMount>,
+    /// The image it started from (`None`: `host`): what makes `DELETE /v1/images/{name}`
+    /// answer 409 while it lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The image's `WorkingDir`: where its command and execs start (`None`: `/workspace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
 }
 
 /// One volume mounted into an isolated sandbox, as asked for on creation (validated).

@@ -281,7 +281,14 @@ impl Jail {
         env: BTreeMap<String, String>,
         rlimits: Rlimits,
         volumes: Vec<VolumeBind>,
+        image: Option<(PathBuf, PathBuf)>,
     ) -> Result<tokio::process::Child, IsolationError> {
+        // (rootfs, cwd) → the image's overlay, its upper layer in this sandbox's folder.
+        let image = image.map(|(rootfs, cwd)| crate::sandbox::spec::ImageRoot {
+            rootfs,
+            upper: self.dir.join("upper"),
+            cwd,
+        });
         let spec = LaunchSpec {
             id: self.id.clone(),
             root: self.dir.join("root"),
@@ -295,6 +302,7 @@ impl Jail {
             rlimits,
             tmp_bytes: self.isolator.tmp_bytes,
             volumes,
+            image,
         };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| IsolationError::Launch(format!("cannot make a socket pair: {e}")))?;
@@ -411,6 +419,7 @@ impl Jail {
         command: &[String],
         env: BTreeMap<String, String>,
         rlimits: Rlimits,
+        cwd: PathBuf,
     ) -> Result<(tokio::process::Command, Vec<u8>), IsolationError> {
         let spec = ExecSpec {
             namespaces: self.namespace_paths()?,
@@ -419,7 +428,7 @@ impl Jail {
             gid: self.uid,
             command: command.to_vec(),
             env,
-            cwd: PathBuf::from("/workspace"),
+            cwd,
             rlimits,
         };
         let mut cmd = tokio::process::Command::new(launch::launcher());

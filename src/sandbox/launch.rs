@@ -270,13 +270,11 @@ fn run_init() -> ExitCode {
         say(&format!("error {e}"));
         return ExitCode::from(LAUNCH_FAILED);
     }
-    let mut cmd = match user_command(
-        &spec.command,
-        spec.uid,
-        spec.gid,
-        &spec.env,
-        std::path::Path::new("/workspace"),
-    ) {
+    let cwd = spec
+        .image
+        .as_ref()
+        .map_or_else(|| std::path::PathBuf::from("/workspace"), |i| i.cwd.clone());
+    let mut cmd = match user_command(&spec.command, spec.uid, spec.gid, &spec.env, &cwd) {
         Ok(c) => c,
         Err(e) => {
             say(&format!("error {e}"));

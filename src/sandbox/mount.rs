@@ -10,8 +10,15 @@
 //! only `/workspace`, `/tmp`, `/dev/shm` and the volumes it mounts (read-write ones) are
 //! writable. Nothing else of the host is visible.
 //!
-//! Other images (the sessions work) replace the `/usr`, `/bin`, `/lib*` binds with an unpacked
-//! image's tree; the rest stays as it is.
+//! Any other image ([`crate::sandbox::image`]): the root is an overlay whose lower layer is the
+//! image's unpacked tree (read-only, shared by every sandbox of the image) and whose upper layer
+//! is the sandbox's own (`<data_dir>/sandboxes/<id>/upper`, gone with the sandbox): the whole
+//! root is writable and what the sandbox changes stays its own. `/` and the image's top-level
+//! folders belong to the sandbox's user in its layer (so it can make files there, such as
+//! `/etc/x`); deeper folders and files keep the image's owners. The image's `/etc` stays, with
+//! the sandbox's own `hosts`, `hostname` and `resolv.conf` bound over it; `/dev`, `/proc`,
+//! `/tmp`, `/workspace` and the volumes are made as for `host`. Every mount point is made a
+//! real folder (or file) first: a link of the image's there is replaced, so no mount follows one.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -216,15 +223,19 @@ pub fn build_root(spec: &LaunchSpec) -> io::Result<()> {
     )
     .map_err(|e| err("cannot make private", Path::new("/"), e))?;
     let root: PathBuf = spec.root.clone();
-    tmpfs(
-        &root,
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=0755,size=16m",
-    )?;
-    for tree in HOST_TREES {
-        show_host(&Path::new("/").join(tree), &root.join(tree))?;
+    if let Some(image) = &spec.image {
+        image_root(&root, image, spec)?;
+    } else {
+        tmpfs(
+            &root,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=0755,size=16m",
+        )?;
+        for tree in HOST_TREES {
+            show_host(&Path::new("/").join(tree), &root.join(tree))?;
+        }
+        write_etc(&root, spec)?;
     }
-    write_etc(&root, spec)?;
     build_dev(&root)?;
 
     let proc_dir = root.join("proc");
@@ -259,19 +270,20 @@ pub fn build_root(spec: &LaunchSpec) -> io::Result<()> {
     for volume in &spec.volumes {
         bind_volume(&root, volume, spec.uid)?;
     }
-    for empty in ["root", "home", "run", "var/tmp", "sys"] {
-        std::fs::create_dir_all(root.join(empty))?;
+    if spec.image.is_none() {
+        for empty in ["root", "home", "run", "var/tmp", "sys"] {
+            std::fs::create_dir_all(root.join(empty))?;
+        }
+        // The root itself becomes read-only; the mounts on it keep their own flags.
+        mount(
+            None::<&str>,
+            &root,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755,size=16m"),
+        )
+        .map_err(|e| err("cannot make read-only", &root, e))?;
     }
-
-    // The root itself becomes read-only; the mounts on it keep their own flags.
-    mount(
-        None::<&str>,
-        &root,
-        None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=0755,size=16m"),
-    )
-    .map_err(|e| err("cannot make read-only", &root, e))?;
 
     // `pivot_root(".", ".")` stacks the old root under the new one; detaching it leaves
     // nothing of the host reachable.
@@ -279,7 +291,128 @@ pub fn build_root(spec: &LaunchSpec) -> io::Result<()> {
     nix::unistd::pivot_root(".", ".").map_err(|e| err("cannot pivot_root to", &root, e))?;
     umount2(".", MntFlags::MNT_DETACH)
         .map_err(|e| err("cannot detach the host's root at", Path::new("/"), e))?;
-    nix::unistd::chdir("/workspace")
-        .map_err(|e| err("cannot enter", Path::new("/workspace"), e))?;
+    let cwd = spec
+        .image
+        .as_ref()
+        .map_or_else(|| PathBuf::from("/workspace"), |i| i.cwd.clone());
+    // Made after the pivot: a link of the image's on the way resolves inside the sandbox.
+    if !cwd.exists() {
+        std::fs::create_dir_all(&cwd)?;
+        std::os::unix::fs::chown(&cwd, Some(spec.uid), Some(spec.gid))?;
+    }
+    nix::unistd::chdir(&cwd).map_err(|e| err("cannot enter", &cwd, e))?;
+    Ok(())
+}
+
+/// Makes `root/name` a real folder: a link, file or anything else of the image's there is
+/// removed first (in the sandbox's own layer), so a mount on it cannot follow a link.
+fn real_dir(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => {
+            std::fs::remove_file(path)?;
+            std::fs::create_dir(path)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(path),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes `path` a real file to bind over (see [`real_dir`]).
+fn real_file(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) => {
+            if m.is_dir() {
+                std::fs::remove_dir_all(path)?;
+            } else {
+                std::fs::remove_file(path)?;
+            }
+            std::fs::write(path, b"")
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::write(path, b""),
+        Err(e) => Err(e),
+    }
+}
+
+/// The overlay root of an image: see the module's documentation.
+fn image_root(
+    root: &Path,
+    image: &crate::sandbox::spec::ImageRoot,
+    spec: &LaunchSpec,
+) -> io::Result<()> {
+    use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+    let (upper, work, generated) = (
+        image.upper.join("data"),
+        image.upper.join("work"),
+        image.upper.join("etc"),
+    );
+    for dir in [&upper, &work, &generated] {
+        std::fs::create_dir_all(dir)?;
+    }
+    chown(&upper, Some(spec.uid), Some(spec.gid))?;
+    std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(0o755))?;
+    // The image's top-level folders, owned by the sandbox's user in its own layer: the overlay
+    // merges each with the image's (not opaque), and shows this one's owner and mode.
+    for entry in std::fs::read_dir(&image.rootfs)? {
+        let entry = entry?;
+        let meta = std::fs::symlink_metadata(entry.path())?;
+        let name = entry.file_name();
+        if !meta.is_dir() || ["proc", "dev", "sys"].contains(&name.to_string_lossy().as_ref()) {
+            continue;
+        }
+        let mine = upper.join(&name);
+        std::fs::create_dir(&mine)?;
+        chown(&mine, Some(spec.uid), Some(spec.gid))?;
+        std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(meta.mode() & 0o1777))?;
+    }
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        image.rootfs.display(),
+        upper.display(),
+        work.display()
+    );
+    if options.contains(['\\', '\n'])
+        || [&image.rootfs, &upper, &work]
+            .iter()
+            .any(|p| p.to_string_lossy().contains([',', ':']))
+    {
+        return Err(io::Error::other(
+            "the image and sandbox folders may not hold `,` or `:` ([store] data_dir)",
+        ));
+    }
+    mount(
+        Some("overlay"),
+        root,
+        Some("overlay"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(options.as_str()),
+    )
+    .map_err(|e| err("cannot mount the image's overlay on", root, e))?;
+    for name in ["dev", "proc", "tmp", "workspace", "etc"] {
+        real_dir(&root.join(name))?;
+    }
+    let etc = root.join("etc");
+    for (name, content) in [
+        (
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost {id}\n::1\tlocalhost ip6-localhost\n",
+                id = spec.id
+            ),
+        ),
+        ("hostname", format!("{}\n", spec.id)),
+        (
+            "resolv.conf",
+            "# No name server: reach allowed hosts through $HTTPS_PROXY (the egress proxy).\n"
+                .to_string(),
+        ),
+    ] {
+        let src = generated.join(name);
+        std::fs::write(&src, content)?;
+        let dst = etc.join(name);
+        real_file(&dst)?;
+        bind(&src, &dst, true)?;
+    }
     Ok(())
 }

@@ -165,6 +165,8 @@ pub struct Driver {
     metrics: Arc<crate::telemetry::Metrics>,
     /// This node's volume folders.
     volumes: Arc<Volumes>,
+    /// This node's images.
+    images: Arc<crate::sandbox::image::Images>,
 }
 
 /// An unprivileged account for sandbox processes. Running them as the gateway's user would let
@@ -233,6 +235,7 @@ impl Driver {
     ) -> Driver {
         Driver {
             volumes: Arc::new(Volumes::new(cfg.volumes_dir.clone())),
+            images: Arc::new(crate::sandbox::image::Images::new(data_dir)),
             metrics,
             node,
             identity,
@@ -306,6 +309,11 @@ impl Driver {
     /// The same, to move into a blocking task.
     pub fn volumes_handle(&self) -> Arc<Volumes> {
         Arc::clone(&self.volumes)
+    }
+
+    /// This node's images.
+    pub fn images(&self) -> &Arc<crate::sandbox::image::Images> {
+        &self.images
     }
 
     /// This node's name (what its sandboxes and volumes record as their node).
@@ -425,6 +433,13 @@ impl Driver {
     /// gateway's on the same host) is left alone.
     pub async fn reconcile(&self) -> Result<usize, StoreError> {
         let mut ended = 0;
+        // Interrupted image imports and deletes leave their folders in `.incoming`.
+        let images = Arc::clone(&self.images);
+        match tokio::task::spawn_blocking(move || images.init()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot prepare the images folder"),
+            Err(_) => tracing::error!("preparing the images folder panicked"),
+        }
         if let Isolation::Namespaces(iso) = &self.isolation {
             for v in self.store.volumes().await? {
                 iso.reserve_uid(v.uid);
@@ -489,6 +504,9 @@ impl Driver {
             Isolation::None if !record.process.volumes.is_empty() => Err(DriverError::VolumeInvalid(
                 "volumes are mounted by isolated sandboxes only, and this node runs command sandboxes without isolation ([orchestrator] isolation = \"none\")".into(),
             )),
+            Isolation::None if record.process.image.is_some() => Err(DriverError::VolumeInvalid(
+                "images are for isolated sandboxes only, and this node runs command sandboxes without isolation ([orchestrator] isolation = \"none\")".into(),
+            )),
             Isolation::None => self.start_plain(record).await,
             Isolation::Namespaces(iso) => {
                 let iso = Arc::clone(iso);
@@ -521,6 +539,23 @@ impl Driver {
             Some(self.volumes.lock.read().await)
         };
         let (volume_uid, volumes) = self.resolve_volumes(&record).await?;
+        // Held until the record (naming its image) is stored: an image is not deleted under a
+        // sandbox that is starting from it.
+        let _image_held = match &record.process.image {
+            Some(_) => Some(self.images.lock.read().await),
+            None => None,
+        };
+        let image = match &record.process.image {
+            Some(name) => {
+                if self.images.get(name).is_none() {
+                    return Err(DriverError::VolumeInvalid(format!(
+                        "no image `{name}`: import it first with POST /v1/images?name={name}"
+                    )));
+                }
+                Some((self.images.rootfs(name), working_dir(&record)))
+            }
+            None => None,
+        };
         let jail = {
             let iso = Arc::clone(iso);
             let id = record.id.clone();
@@ -559,7 +594,7 @@ impl Driver {
         self.routes
             .attach_netns(&record.id, Arc::clone(&jail.netns));
         let mut child = match jail
-            .spawn(&command, env, self.rlimits(&record), volumes)
+            .spawn(&command, env, self.rlimits(&record), volumes, image)
             .await
         {
             Ok(child) => child,
@@ -1024,7 +1059,12 @@ impl Driver {
             (Isolation::Namespaces(_), Some(jail)) => {
                 // Inside the sandbox: its namespaces, cgroup, user, /workspace, environment.
                 let env = isolated_env(record, &env, &self.cfg.pass_env);
-                let (mut cmd, spec) = jail.exec_command(&req.command, env, self.rlimits(record))?;
+                let (mut cmd, spec) = jail.exec_command(
+                    &req.command,
+                    env,
+                    self.rlimits(record),
+                    working_dir(record),
+                )?;
                 cmd.stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
@@ -1431,6 +1471,18 @@ fn isolated_env(
         }
     }
     out
+}
+
+/// Where an isolated sandbox's command and execs start: its image's `WorkingDir`, else
+/// `/workspace`.
+fn working_dir(record: &SandboxRecord) -> PathBuf {
+    PathBuf::from(
+        record
+            .process
+            .working_dir
+            .as_deref()
+            .unwrap_or("/workspace"),
+    )
 }
 
 /// The last `max` bytes of a file, as text.

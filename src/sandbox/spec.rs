@@ -44,6 +44,22 @@ pub struct LaunchSpec {
     /// Volumes to bind into the root; one at `/workspace` replaces the sandbox's own.
     #[serde(default)]
     pub volumes: Vec<VolumeBind>,
+    /// An unpacked image to start from instead of the host's trees; `None`: the `host` image.
+    #[serde(default)]
+    pub image: Option<ImageRoot>,
+}
+
+/// An image's root: its `rootfs` read-only under an overlay whose writable layer is the
+/// sandbox's own (see [`crate::sandbox::mount`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRoot {
+    /// `<data_dir>/images/<name>/rootfs`.
+    pub rootfs: PathBuf,
+    /// `<data_dir>/sandboxes/<id>/upper`: the overlay's upper and work folders, and the
+    /// generated `/etc` files.
+    pub upper: PathBuf,
+    /// Where the command starts (the image's `WorkingDir`, else `/workspace`).
+    pub cwd: PathBuf,
 }
 
 /// One volume's subtree, bound by init at `target` (see [`crate::sandbox::volume`]).

@@ -1,0 +1,469 @@
+//! Images (`/v1/images`, `image` on sandbox creation): an archive in the format `docker save`
+//! writes, built here from a static busybox, becomes an image whose layers (whiteouts
+//! included) make the root of isolated sandboxes; its `Env` and `Cmd` apply; each sandbox
+//! writes its own layer and never the image; archives that would write outside the image are
+//! refused with nothing written; only an admin imports; a used image is not deleted; images
+//! outlive the gateway.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+/// Isolation needs root (as in CI); elsewhere these tests say so and pass vacuously.
+fn can_isolate() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipped: image tests need root");
+    false
+}
+
+/// The static busybox of Debian's busybox-static package (installed by .ci/run).
+fn busybox() -> Vec<u8> {
+    std::fs::read("/bin/busybox").expect("/bin/busybox: apt-get install busybox-static")
+}
+
+fn header(kind: tar::EntryType, path: &str, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_path(path).unwrap();
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    h
+}
+
+/// A layer (or an archive): entries as `(kind, path, mode, data or link target)`.
+fn tar_of(entries: &[(tar::EntryType, &str, u32, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (kind, path, mode, data) in entries {
+        match kind {
+            tar::EntryType::Symlink => {
+                let mut h = header(*kind, path, *mode, 0);
+                h.set_link_name(std::str::from_utf8(data).unwrap()).unwrap();
+                h.set_cksum();
+                b.append(&h, std::io::empty()).unwrap();
+            }
+            _ => {
+                let h = header(*kind, path, *mode, data.len() as u64);
+                b.append(&h, *data).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// What `docker save` writes: `manifest.json`, the config, one `layer.tar` per layer.
+fn docker_save(layers: &[Vec<u8>], config: Value) -> Vec<u8> {
+    let names: Vec<String> = (0..layers.len())
+        .map(|i| format!("layer{i}/layer.tar"))
+        .collect();
+    let manifest = json!([{"Config": "config.json", "RepoTags": ["test:latest"], "Layers": names}])
+        .to_string();
+    let config = config.to_string();
+    let mut entries: Vec<(tar::EntryType, &str, u32, &[u8])> = vec![
+        (
+            tar::EntryType::Regular,
+            "config.json",
+            0o644,
+            config.as_bytes(),
+        ),
+        (
+            tar::EntryType::Regular,
+            "manifest.json",
+            0o644,
+            manifest.as_bytes(),
+        ),
+    ];
+    for (name, layer) in names.iter().zip(layers) {
+        entries.push((tar::EntryType::Regular, name, 0o644, layer));
+    }
+    tar_of(&entries)
+}
+
+/// The test image: busybox with its applets as links, `/marker.txt`, and `/gone.txt` that the
+/// second layer's whiteout removes.
+fn busybox_image() -> Vec<u8> {
+    use tar::EntryType::{Directory, Regular, Symlink};
+    let busybox = busybox();
+    let mut layer1: Vec<(tar::EntryType, &str, u32, &[u8])> = vec![
+        (Directory, "bin/", 0o755, b""),
+        (Directory, "etc/", 0o755, b""),
+        (Regular, "bin/busybox", 0o4755, &busybox),
+        (Regular, "marker.txt", 0o644, b"from the image\n"),
+        (Regular, "gone.txt", 0o644, b"removed by layer 2\n"),
+        (Regular, "etc/motd", 0o644, b"hello\n"),
+    ];
+    let applets = [
+        "sh", "cat", "ls", "echo", "test", "touch", "id", "env", "mkdir", "rm", "stat",
+    ];
+    let paths: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
+    for p in &paths {
+        layer1.push((Symlink, p, 0o777, b"busybox"));
+    }
+    let layer1 = tar_of(&layer1);
+    let layer2 = tar_of(&[(Regular, ".wh.gone.txt", 0o644, b"")]);
+    docker_save(
+        &[layer1, layer2],
+        json!({"architecture": "amd64", "os": "linux", "config": {
+            "Env": ["GREETING=hello", "PATH=/bin"],
+            "Cmd": ["/bin/busybox", "httpd", "-f", "-p", "8000"],
+        }}),
+    )
+}
+
+async fn import(gw: &TestGateway, key: &str, name: &str, archive: Vec<u8>) -> (StatusCode, Value) {
+    let resp = api_raw(
+        &gw.tls(),
+        Some(key),
+        Method::POST,
+        &format!("/v1/images?name={name}"),
+        Some("application/x-tar"),
+        archive,
+    )
+    .await;
+    let status = resp.status();
+    let v = serde_json::from_slice(resp.body()).unwrap_or(Value::Null);
+    (status, v)
+}
+
+async fn sh(gw: &TestGateway, id: &str, script: &str) -> (i64, String) {
+    let (status, v) = gw
+        .api(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({"command": ["sh", "-c", script], "timeout_secs": 30})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    (
+        v["exit_code"].as_i64().unwrap_or(-1),
+        format!(
+            "{}{}",
+            v["stdout"].as_str().unwrap(),
+            v["stderr"].as_str().unwrap()
+        ),
+    )
+}
+
+/// A running sandbox of `image` that runs the image's `Cmd` (no `command`).
+async fn from_image(gw: &TestGateway, image: &str) -> String {
+    let (status, v) = gw
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"image": image, "ports": [8000], "env": {"MINE": "yes"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_for_status(gw, &id, &["running"], Duration::from_secs(20)).await;
+    id
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_imported_image_is_the_root_of_its_sandboxes_and_stays_unchanged() {
+    if !can_isolate() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start_in(tmp.path(), "").await;
+    let key = gw.admin_key.clone();
+
+    let (status, v) = import(&gw, &key, "bb", busybox_image()).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["name"], "bb");
+    assert_eq!(v["source"], "docker-save");
+    assert!(v["size_bytes"].as_u64().unwrap() > 100_000, "{v}");
+    let (status, v) = import(&gw, &key, "bb", busybox_image()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let (status, _) = import(&gw, &key, "Bad_Name", busybox_image()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let (status, list) = gw.api(Method::GET, "/v1/images", None).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(names(&list), ["host", "bb"]);
+
+    // The setuid bit of the archive is dropped on disk.
+    let rootfs = tmp.path().join("data/images/bb/rootfs");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(rootfs.join("bin/busybox"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755, "setuid stripped");
+
+    // No command: the image's Cmd runs (busybox httpd), and the sandbox becomes running.
+    let a = from_image(&gw, "bb").await;
+    let (code, out) = sh(
+        &gw,
+        &a,
+        "cat /marker.txt; echo \"$GREETING $MINE\"; pwd; \
+         if test -e /gone.txt; then echo gone-present; else echo gone-absent; fi",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("from the image"), "{out}");
+    assert!(
+        out.contains("hello yes"),
+        "the image's Env and the sandbox's: {out}"
+    );
+    assert!(out.contains("/workspace"), "{out}");
+    assert!(
+        out.contains("gone-absent"),
+        "the whiteout removed it: {out}"
+    );
+    // The whole root is writable, in the sandbox's own layer.
+    let (code, out) = sh(
+        &gw,
+        &a,
+        "echo mine > /etc/x && echo top > /top.txt && cat /etc/x /top.txt && \
+         rm /marker.txt && echo removed",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("mine") && out.contains("top") && out.contains("removed"),
+        "{out}"
+    );
+    // Its /etc/hosts is its own.
+    let (_, out) = sh(&gw, &a, "cat /etc/hosts").await;
+    assert!(out.contains(&a), "{out}");
+
+    // The image did not change, and another sandbox of it does not see the first's writes.
+    assert!(!rootfs.join("etc/x").exists());
+    assert!(rootfs.join("marker.txt").exists());
+    let b = from_image(&gw, "bb").await;
+    let (_, out) = sh(
+        &gw,
+        &b,
+        "cat /etc/x 2>/dev/null || echo no-x; cat /marker.txt",
+    )
+    .await;
+    assert!(out.contains("no-x"), "{out}");
+    assert!(out.contains("from the image"), "{out}");
+
+    // Used: not deleted.
+    let (status, v) = gw.api(Method::DELETE, "/v1/images/bb", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains(&a), "{v}");
+    for id in [&a, &b] {
+        let (status, _) = gw
+            .api(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+
+    // An unknown image, and an image without Cmd and no command, are refused.
+    let (status, v) = gw
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"image": "nope", "ports": [8000]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let plain = docker_save(
+        &[tar_of(&[(tar::EntryType::Regular, "f", 0o644, b"x")])],
+        json!({"config": {}}),
+    );
+    let (status, v) = import(&gw, &key, "nocmd", plain).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (status, v) = gw
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"image": "nocmd", "ports": [8000]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("no Cmd"),
+        "{v}"
+    );
+
+    // Images outlive the gateway; what an interrupted import left is removed at start.
+    let incoming = tmp.path().join("data/images/.incoming");
+    std::fs::create_dir_all(incoming.join("half-done/rootfs")).unwrap();
+    gw.stop().await;
+    let gw = TestGateway::start_in(tmp.path(), "").await;
+    let (_, list) = gw.api(Method::GET, "/v1/images", None).await;
+    assert_eq!(names(&list), ["host", "bb", "nocmd"]);
+    assert!(!incoming.join("half-done").exists());
+    let c = from_image(&gw, "bb").await;
+    let (_, out) = sh(&gw, &c, "cat /marker.txt").await;
+    assert!(out.contains("from the image"), "{out}");
+    let (status, _) = gw
+        .api(Method::DELETE, &format!("/v1/sandboxes/{c}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let (status, _) = gw.api(Method::DELETE, "/v1/images/bb", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = gw.api(Method::DELETE, "/v1/images/bb", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, list) = gw.api(Method::GET, "/v1/images", None).await;
+    assert_eq!(names(&list), ["host", "nocmd"]);
+    assert!(!tmp.path().join("data/images/bb").exists());
+    gw.stop().await;
+}
+
+/// A layer entry named `../evil`, written as raw header bytes (the tar crate's builder refuses
+/// such paths itself).
+fn escaping_layer() -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(5);
+    let name = b"../evil";
+    h.as_old_mut().name[..name.len()].copy_from_slice(name);
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, &b"evil\n"[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// Every path under `dir` whose last component is `name`, links not followed.
+fn find_named(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if entry.file_name() == name {
+            found.push(path.clone());
+        }
+        if entry.file_type().unwrap().is_dir() {
+            found.extend(find_named(&path, name));
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn archives_that_would_write_outside_the_image_are_refused() {
+    if !can_isolate() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start_in(tmp.path(), "").await;
+    let key = gw.admin_key.clone();
+    let images = tmp.path().join("data/images");
+
+    // Garbage, and a tar that is no image.
+    let (status, v) = import(&gw, &key, "junk", vec![0x42; 4096]).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("docker save"),
+        "{v}"
+    );
+    let no_manifest = tar_of(&[(tar::EntryType::Regular, "hello.txt", 0o644, b"hi")]);
+    let (status, v) = import(&gw, &key, "junk", no_manifest).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("manifest.json"),
+        "{v}"
+    );
+
+    // `../evil`: refused, and nothing lands beside the image's root.
+    let (status, v) = import(
+        &gw,
+        &key,
+        "evil",
+        docker_save(&[escaping_layer()], json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(".."),
+        "{v}"
+    );
+
+    // A link made by one layer, written through by the next: refused, the target untouched.
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().to_str().unwrap().to_string();
+    let layer1 = tar_of(&[(tar::EntryType::Symlink, "escape", 0o777, target.as_bytes())]);
+    let layer2 = tar_of(&[(tar::EntryType::Regular, "escape/planted", 0o644, b"x")]);
+    let (status, v) = import(&gw, &key, "evil", docker_save(&[layer1, layer2], json!({}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("symbolic link"),
+        "{v}"
+    );
+    assert!(!outside.path().join("planted").exists());
+
+    // An absolute path is refused too.
+    let mut h = header(tar::EntryType::Regular, "x", 0o644, 1);
+    h.as_old_mut().name[..6].copy_from_slice(b"/abs\0\0");
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, &b"x"[..]).unwrap();
+    let (status, v) = import(
+        &gw,
+        &key,
+        "evil",
+        docker_save(&[b.into_inner().unwrap()], json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+
+    // Nothing of the refused imports is left: no image, no staging folder, no upload, and no
+    // `evil` anywhere under the data folder.
+    let (_, list) = gw.api(Method::GET, "/v1/images", None).await;
+    assert_eq!(names(&list), ["host"]);
+    assert_eq!(
+        std::fs::read_dir(images.join(".incoming")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        find_named(tmp.path(), "evil"),
+        Vec::<std::path::PathBuf>::new()
+    );
+
+    // Only an admin imports and deletes; sandboxes:read lists.
+    let (_, other) = create_credential(
+        &gw,
+        json!({"name": "other", "scopes": ["sandboxes:read", "sandboxes:write"]}),
+    )
+    .await;
+    let (status, v) = import(&gw, &other, "mine", busybox_image()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    let (status, list) = gw.api_as(&other, Method::GET, "/v1/images", None).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let (status, _) = gw
+        .api_as(&other, Method::DELETE, "/v1/images/host", None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Past [orchestrator] max_image_bytes: 413.
+    gw.stop().await;
+    let gw = TestGateway::start_in(tmp.path(), "[orchestrator]\nmax_image_bytes = 65536\n").await;
+    let (status, v) = import(&gw, &key, "big", busybox_image()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert!(!images.join("big").exists());
+    gw.stop().await;
+}
