@@ -592,6 +592,9 @@ struct SandboxView {
     idle_timeout_secs: Option<u64>,
     name: Option<String>,
     tags: BTreeMap<String, String>,
+    /// The imported image it started from; left out for `host`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image: Option<String>,
 }
 
 impl SandboxView {
@@ -613,6 +616,7 @@ impl SandboxView {
             idle_timeout_secs: s.process.idle_timeout_secs,
             name: s.name.clone(),
             tags: s.tags.clone(),
+            image: s.process.image.clone(),
         }
     }
 }

@@ -88,6 +88,16 @@ enum Command {
         /// SANDBOX:PATH, e.g. sb-1a2b:/workspace
         target: String,
     },
+    /// Import, list and delete images (root filesystems for isolated sandboxes; calls the API).
+    #[command(
+        after_help = "Examples:\n  docker save python:3.12-slim | sandgate image import python -\n  sandgate image import python ./python.tar\n  sandgate image list\n  sandgate image rm python"
+    )]
+    Image {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Show recent audit events (admin; calls the API).
     Audit {
         #[command(flatten)]
@@ -96,6 +106,21 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Import the archive `docker save` (or `podman save`) writes, streamed (admin).
+    Import {
+        /// 1 to 63 of a-z, 0-9 and -.
+        name: String,
+        /// The archive, or `-` for stdin.
+        file: String,
+    },
+    /// List the images (`host` is built in).
+    List,
+    /// Delete an image no live sandbox uses (admin).
+    Rm { name: String },
 }
 
 #[derive(Args)]
@@ -458,6 +483,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mode,
         } => copy(&api, &source, &dest, mode.as_deref()).await,
         Command::Ls { api, target } => list_files(&api, &target).await,
+        Command::Image { api, command } => image_command(api, command).await,
         Command::Audit { api, limit } => {
             let client = connect(&api)?;
             let r = client
@@ -1185,17 +1211,19 @@ async fn copy(
     }
 }
 
-async fn upload(
-    api: &ApiArgs,
+/// `source` (a file, or `-` for stdin) as a request body read 64 KiB at a time as the
+/// connection takes it, its length when known, and the progress shown meanwhile.
+async fn streamed(
     source: &str,
-    id: &str,
-    path: &str,
-    mode: Option<&str>,
-) -> anyhow::Result<ExitCode> {
+    folder_hint: &str,
+) -> anyhow::Result<(
+    sandgate::client::RequestBody,
+    Option<u64>,
+    std::sync::Arc<std::sync::Mutex<Progress>>,
+)> {
     use futures_util::StreamExt;
     use http_body_util::BodyExt;
     use tokio::io::AsyncReadExt;
-    let client = connect(api)?;
     let (reader, length): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Option<u64>) =
         if source == "-" {
             (Box::new(tokio::io::stdin()), None)
@@ -1205,7 +1233,7 @@ async fn upload(
                 .with_context(|| format!("cannot open {source}"))?;
             let meta = file.metadata().await?;
             if meta.is_dir() {
-                bail!("{source} is a folder; sandgate cp copies one file (tar it, and copy `-`)");
+                bail!("{source} is a folder; {folder_hint}");
             }
             (Box::new(file), Some(meta.len()))
         };
@@ -1232,7 +1260,72 @@ async fn upload(
         }
         chunk.map(http_body::Frame::data)
     });
-    let body = http_body_util::StreamBody::new(chunks).boxed_unsync();
+    Ok((
+        http_body_util::StreamBody::new(chunks).boxed_unsync(),
+        length,
+        progress,
+    ))
+}
+
+async fn image_command(api: ApiArgs, command: ImageCommand) -> anyhow::Result<ExitCode> {
+    let client = connect(&api)?;
+    match command {
+        ImageCommand::Import { name, file } => {
+            let (body, length, progress) =
+                streamed(&file, "give the archive `docker save` writes").await?;
+            let path = format!(
+                "/v1/images?name={}",
+                url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>()
+            );
+            let response = client.send_body(Method::POST, &path, length, body).await?;
+            if let Ok(p) = std::sync::Arc::try_unwrap(progress) {
+                p.into_inner()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .end();
+            }
+            if !response.status().is_success() {
+                return report_failure(&api, response).await;
+            }
+            println!("Imported {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::List => {
+            let r = client.call(Method::GET, "/v1/images", None).await?;
+            finish(&api, r, |v| {
+                table(
+                    &["NAME", "SOURCE", "SIZE", "CREATED"],
+                    items(v)
+                        .iter()
+                        .map(|i| {
+                            vec![
+                                s(i, "name"),
+                                s(i, "source"),
+                                s(i, "size_bytes"),
+                                s(i, "created_at"),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        ImageCommand::Rm { name } => {
+            let path = format!("/v1/images/{}", path_segment(&name)?);
+            let r = client.call(Method::DELETE, &path, None).await?;
+            finish(&api, r, |_| println!("Deleted image {name}"))
+        }
+    }
+}
+
+async fn upload(
+    api: &ApiArgs,
+    source: &str,
+    id: &str,
+    path: &str,
+    mode: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let client = connect(api)?;
+    let (body, length, progress) =
+        streamed(source, "sandgate cp copies one file (tar it, and copy `-`)").await?;
     let extra = match mode {
         Some(m) => format!(
             "&mode={}",
