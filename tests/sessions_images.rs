@@ -92,7 +92,7 @@ fn docker_save(layers: &[Vec<u8>], config: Value) -> Vec<u8> {
 /// The test image: busybox with its applets as links, `/marker.txt`, and `/gone.txt` that the
 /// second layer's whiteout removes.
 fn busybox_image() -> Vec<u8> {
-    use tar::EntryType::{Directory, Regular, Symlink};
+    use tar::EntryType::{Directory, Fifo, Regular, Symlink};
     let busybox = busybox();
     let mut layer1: Vec<(tar::EntryType, &str, u32, &[u8])> = vec![
         (Directory, "bin/", 0o755, b""),
@@ -101,6 +101,11 @@ fn busybox_image() -> Vec<u8> {
         (Regular, "marker.txt", 0o644, b"from the image\n"),
         (Regular, "gone.txt", 0o644, b"removed by layer 2\n"),
         (Regular, "etc/motd", 0o644, b"hello\n"),
+        (Directory, "opq/", 0o755, b""),
+        (Regular, "opq/old.txt", 0o644, b"old\n"),
+        (Fifo, "fifo", 0o644, b""),
+        // An absolute link where a volume will be mounted: the mount must not follow it.
+        (Symlink, "data", 0o777, b"/etc"),
     ];
     let applets = [
         "sh", "cat", "ls", "echo", "test", "touch", "id", "env", "mkdir", "rm", "stat",
@@ -110,7 +115,11 @@ fn busybox_image() -> Vec<u8> {
         layer1.push((Symlink, p, 0o777, b"busybox"));
     }
     let layer1 = tar_of(&layer1);
-    let layer2 = tar_of(&[(Regular, ".wh.gone.txt", 0o644, b"")]);
+    let layer2 = tar_of(&[
+        (Regular, ".wh.gone.txt", 0o644, b""),
+        (Regular, "opq/new.txt", 0o644, b"new\n"),
+        (Regular, "opq/.wh..wh..opq", 0o644, b""),
+    ]);
     docker_save(
         &[layer1, layer2],
         json!({"architecture": "amd64", "os": "linux", "config": {
@@ -263,6 +272,34 @@ async fn an_imported_image_is_the_root_of_its_sandboxes_and_stays_unchanged() {
     .await;
     assert!(out.contains("no-x"), "{out}");
     assert!(out.contains("from the image"), "{out}");
+
+    // A volume in an image sandbox, at a path the image has a link on.
+    let (status, v) = gw
+        .api(Method::POST, "/v1/volumes", Some(json!({"name": "vol"})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (status, v) = gw
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"image": "bb", "ports": [8000],
+                        "volumes": [{"volume": "vol", "path": "/data"}]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let v_id = v["id"].as_str().unwrap().to_string();
+    wait_for_status(&gw, &v_id, &["running"], Duration::from_secs(20)).await;
+    let (code, out) = sh(&gw, &v_id, "echo kept > /data/v.txt && cat /data/v.txt").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        tmp.path().join("data/volumes").read_dir().unwrap().count() > 0
+            && find_named(&tmp.path().join("data/volumes"), "v.txt").len() == 1,
+        "the write reached the volume"
+    );
+    let (status, _) = gw
+        .api(Method::DELETE, &format!("/v1/sandboxes/{v_id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
 
     // Used: not deleted.
     let (status, v) = gw.api(Method::DELETE, "/v1/images/bb", None).await;

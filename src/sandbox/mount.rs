@@ -203,8 +203,13 @@ fn bind_volume(root: &Path, volume: &crate::sandbox::spec::VolumeBind, uid: u32)
     let fd = crate::sandbox::volume::open_confined(&volume.dir, &volume.sub_path, uid)
         .map_err(|e| io::Error::other(format!("volume at {}: {e}", volume.target.display())))?;
     let relative = volume.target.strip_prefix("/").unwrap_or(&volume.target);
-    let dst = root.join(relative);
-    std::fs::create_dir_all(&dst)?;
+    // One real folder at a time: an image's link on the way (`/data` → `/etc`) is replaced, so
+    // the mount lands where the sandbox will look, not where the link points on the host.
+    let mut dst = root.to_path_buf();
+    for part in relative.components() {
+        dst.push(part);
+        real_dir(&dst)?;
+    }
     use std::os::fd::AsRawFd;
     let source = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
     bind(&source, &dst, volume.read_only)
