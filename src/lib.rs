@@ -20,14 +20,16 @@
 //!   filesystem), `seccomp` (the system call filter and the emptied capability bounding set
 //!   its commands run under), `netns` (sockets inside a sandbox's network namespace), `cgroup` (limits and
 //!   total ends, v1 and v2), `egress` (the in-namespace egress proxy), `volume` (named
-//!   volumes on disk: confined sub-paths, sizes, whose uid their files are), `files` (file
-//!   operations done as the sandbox's user, in its view).
+//!   volumes on disk: confined sub-paths, sizes, whose uid their files are), `image`
+//!   (`docker save` archives unpacked into root filesystems, never following a link), `files`
+//!   (file operations done as the sandbox's user, in its view).
 //! - [`gateway`]: opens everything from a config (store, keys, certs, admin key) into shared state.
 //! - [`server`]: listeners, one single-threaded runtime per core, TLS accept, HTTP/1.1 + HTTP/2
 //!   serving, graceful shutdown.
 //! - [`proxy`]: the data plane: route → authenticate → forward; [`proxy::upstream`] is the
 //!   upstream policy (which addresses an `upstream` sandbox may be), checked at every connect.
-//! - [`api`]: the control plane (axum) on the base domain; `api/volume.rs` serves `/v1/volumes`.
+//! - [`api`]: the control plane (axum) on the base domain; `api/volume.rs` serves `/v1/volumes`,
+//!   `api/image.rs` `/v1/images`.
 //! - [`error`]: the one place gateway errors become HTTP responses.
 //! - [`telemetry`]: tracing set-up and Prometheus metrics.
 //! - [`tracker`]: which connections each token and sandbox opened, so revocation closes them.
