@@ -427,6 +427,26 @@ async fn archives_that_would_write_outside_the_image_are_refused() {
         "{v}"
     );
 
+    // An OCI layout without manifest.json: not read yet, and the message says so.
+    let oci = tar_of(&[
+        (
+            tar::EntryType::Regular,
+            "oci-layout",
+            0o644,
+            br#"{"imageLayoutVersion":"1.0.0"}"#,
+        ),
+        (tar::EntryType::Regular, "index.json", 0o644, b"{}"),
+    ]);
+    let (status, v) = import(&gw, &key, "oci", oci).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("docker save"),
+        "{v}"
+    );
+
     // `../evil`: refused, and nothing lands beside the image's root.
     let (status, v) = import(
         &gw,
