@@ -349,7 +349,9 @@ fn x32_guard() -> BpfProgram {
     ]
 }
 
-#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
+#[cfg(test)]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[allow(clippy::unwrap_used, reason = "in tests a panic is the failure report")]
 mod tests {
     use super::*;
     use nix::errno::Errno;
