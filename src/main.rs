@@ -327,7 +327,9 @@ enum TokenCommand {
     /// Revoke a token by its id (jti); connections opened with it close. Exits 4 if no live
     /// token has that id.
     Revoke {
-        /// The token's id, as `token create` and `token list` print it.
+        /// The token's id, as `token create` and `token list` print it. A jti is base64url,
+        /// so it may begin with `-`: taken as the id, not as an option.
+        #[arg(allow_hyphen_values = true)]
         jti: String,
     },
 }
