@@ -727,7 +727,7 @@ async fn create_sandbox(
                 .filter(|m| m.visible_to(&caller.credential.id, caller.is_admin()));
             Some(meta.ok_or_else(|| {
                 HttpError::invalid_argument(format!(
-                    "no image named `{}`: see GET /v1/images, or import one with POST /v1/images?name=N",
+                    "no image named `{}` on this node (images and snapshots are each node's own): see GET /v1/images, or import one with POST /v1/images?name=N",
                     name.chars().take(63).collect::<String>()
                 ))
             })?)

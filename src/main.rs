@@ -25,6 +25,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the biggest variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (TLS listener + telemetry listener).
@@ -189,6 +191,7 @@ struct ApiArgs {
     json: bool,
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum SandboxCommand {
     /// Create a sandbox: run a command (after `--`), or register a service run elsewhere

@@ -597,6 +597,67 @@ async fn images_on_the_command_line() {
     assert!(!out.status.success(), "{out:?}");
     let (_, list) = gw.api(Method::GET, "/v1/images", None).await;
     assert_eq!(names(&list), ["host", "from-file"]);
+
+    // A sandbox of the image (its Cmd), a snapshot of it, and a sandbox of the snapshot.
+    let out = run(
+        &[
+            "sandbox",
+            "create",
+            "--image",
+            "from-file",
+            "--port",
+            "8000",
+            "--wait",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (code, out) = sh(&gw, &id, "echo from-cli > /workspace/cli.txt").await;
+    assert_eq!(code, 0, "{out}");
+    let out = run(&["snapshot", &id, "cli-snap"], None);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("cli-snap") && text.contains("from-file"),
+        "{text}"
+    );
+    let out = run(&["snapshot", &id, "cli-snap"], None);
+    assert!(!out.status.success(), "a taken name: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists"),
+        "{out:?}"
+    );
+    let out = run(&["image", "list"], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with("cli-snap")
+            && l.contains("snapshot")
+            && l.contains("from-file")),
+        "{text}"
+    );
+    let out = run(
+        &[
+            "sandbox",
+            "create",
+            "--image",
+            "cli-snap",
+            "--port",
+            "8000",
+            "--wait",
+            "--",
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "8000",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let second = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (_, out) = sh(&gw, &second, "cat /workspace/cli.txt").await;
+    assert!(out.contains("from-cli"), "{out}");
     gw.stop().await;
 }
 

@@ -359,6 +359,7 @@ pub(super) async fn delete_image(
 ) -> Result<StatusCode, HttpError> {
     caller.require(Scope::SandboxesWrite)?;
     if name == image::HOST {
+        caller.require(Scope::Admin)?;
         return Err(HttpError::conflict(
             "`host` is the built-in image: it cannot be deleted",
         ));
