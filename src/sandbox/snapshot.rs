@@ -565,6 +565,56 @@ mod tests {
         assert!(matches!(e, CopyError::TooMany(10)), "{e}");
     }
 
+    /// The sandbox is hostile and keeps running if the freezer fails: a folder swapped for a
+    /// link to a host folder while the copy runs never makes the copy read the host folder.
+    #[test]
+    fn a_folder_swapped_for_a_link_mid_copy_never_reaches_the_host() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, host) = (t.path().join("src"), t.path().join("host"));
+        std::fs::create_dir_all(src.join("a/b")).unwrap();
+        std::fs::write(src.join("a/b/ok.txt"), b"fine").unwrap();
+        std::fs::create_dir_all(host.join("b")).unwrap();
+        std::fs::write(host.join("secret.txt"), b"host secret").unwrap();
+        std::fs::write(host.join("b/secret.txt"), b"host secret").unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (src, host, stop) = (src.clone(), host.clone(), std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut swaps = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::fs::rename(src.join("a"), src.join("a.real"));
+                    let _ = symlink(&host, src.join("a"));
+                    let _ = std::fs::remove_file(src.join("a"));
+                    let _ = std::fs::rename(src.join("a.real"), src.join("a"));
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        for round in 0..300 {
+            let dst = t.path().join(format!("dst{round}"));
+            let _ = copy_tree(&src, &dst, &spec(&[]), &mut Tally::default());
+            let mut stack = vec![dst.clone()];
+            while let Some(dir) = stack.pop() {
+                for entry in std::fs::read_dir(&dir).unwrap() {
+                    let entry = entry.unwrap();
+                    let kind = entry.file_type().unwrap();
+                    assert!(
+                        !(kind.is_file() && entry.file_name() == "secret.txt"),
+                        "round {round}: a host file was copied: {}",
+                        entry.path().display()
+                    );
+                    if kind.is_dir() {
+                        stack.push(entry.path());
+                    }
+                }
+            }
+            std::fs::remove_dir_all(&dst).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(swapper.join().unwrap() > 0);
+    }
+
     #[test]
     fn too_deep_is_refused() {
         let t = tempfile::tempdir().unwrap();
