@@ -1,6 +1,7 @@
 //! Sessions across restarts of the real binary: an image import cut off by a SIGKILL leaves
 //! nothing listed and nothing in `images/.incoming` once the gateway is back (and the name
-//! imports again).
+//! imports again), and volumes (with their files) and images outlive a restart, usable by new
+//! sandboxes.
 #![allow(clippy::unwrap_used)]
 
 #[path = "common/archive.rs"]
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::*;
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -299,5 +301,97 @@ async fn an_import_killed_midway_leaves_nothing_after_a_restart() {
         .await;
     assert_eq!(serve.sh(&id, "cat /marker.txt").await, "imported whole\n");
     serve.delete(&id).await;
+    serve.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn volumes_and_images_survive_a_restart() {
+    if !can_isolate() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let serve = Serve::start(dir).await;
+
+    // A volume with a file a sandbox wrote (through the files API), and an image.
+    let (status, v) = serve
+        .api(Method::POST, "/v1/volumes", Some(json!({"name": "notes"})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let mounts = json!([{"volume": "notes", "path": "/data", "sub_path": "sessions/s-1"}]);
+    let first = serve
+        .sandbox(
+            json!({"command": ["python3", "-m", "http.server", "8000"], "ports": [8000],
+                        "volumes": mounts}),
+        )
+        .await;
+    let resp = api_raw(
+        &serve.tls,
+        Some(&serve.admin_key),
+        Method::PUT,
+        &format!("/v1/sandboxes/{first}/files?path=/data/notes.txt"),
+        Some("application/octet-stream"),
+        Bytes::from("written before the restart\n"),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::CREATED, "{:?}", resp.body());
+    let (status, v) = serve
+        .import("keeper", archive::busybox_image("from the kept image\n"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (_, before) = serve.api(Method::GET, "/v1/volumes/notes", None).await;
+    assert_eq!(before["size_bytes"], 27, "{before}");
+    serve.stop().await;
+
+    let serve = Serve::start_with(dir, &dir.join("sandgate.toml")).await;
+    // The volume: listed, its size counted, its file there for a new sandbox.
+    let (status, v) = serve.api(Method::GET, "/v1/volumes", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let volume = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "notes")
+        .cloned()
+        .unwrap_or_else(|| panic!("the volume is listed: {v}"));
+    assert!(volume["size_bytes"].as_u64().unwrap() > 0, "{volume}");
+    assert_eq!(volume["size_bytes"], before["size_bytes"], "{volume}");
+    assert_eq!(volume["created_at"], before["created_at"], "{volume}");
+    let second = serve
+        .sandbox(
+            json!({"command": ["python3", "-m", "http.server", "8000"], "ports": [8000],
+                        "volumes": mounts}),
+        )
+        .await;
+    assert_ne!(first, second);
+    assert_eq!(
+        serve.sh(&second, "cat /data/notes.txt").await,
+        "written before the restart\n"
+    );
+    let resp = api_raw(
+        &serve.tls,
+        Some(&serve.admin_key),
+        Method::GET,
+        &format!("/v1/sandboxes/{second}/files?path=/data/notes.txt"),
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.body(), "written before the restart\n");
+
+    // The image: listed, and a sandbox starts from it.
+    let (_, v) = serve.api(Method::GET, "/v1/images", None).await;
+    assert_eq!(image_names(&v), ["host", "keeper"], "{v}");
+    let from_image = serve
+        .sandbox(json!({"image": "keeper", "ports": [8000]}))
+        .await;
+    assert_eq!(
+        serve.sh(&from_image, "cat /marker.txt").await,
+        "from the kept image\n"
+    );
+    for id in [&second, &from_image] {
+        serve.delete(id).await;
+    }
     serve.stop().await;
 }
