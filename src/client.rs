@@ -203,6 +203,55 @@ impl ApiClient {
             })
     }
 
+    /// Like [`ApiClient::send_body`], with `Expect: 100-continue`: the body is held back until
+    /// the server asks for it (its interim `100 Continue`), so that an answer it gives before
+    /// reading any (403, 409, 413) reaches the client whole instead of a broken pipe halfway
+    /// through a large upload. A server that sends no interim answer within
+    /// [`CONTINUE_WAIT`] gets the body anyway (RFC 9110 §10.1.1: the client need not wait
+    /// forever); once a final answer has come first, the body is never sent.
+    pub async fn send_upload(
+        &self,
+        method: Method,
+        path: &str,
+        length: Option<u64>,
+        body: RequestBody,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        let gate = std::sync::Arc::new(Gate::default());
+        let url = format!("{}{}", self.base, path);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(&url)
+            .header(http::header::EXPECT, "100-continue");
+        if let Some(key) = &self.api_key {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        if let Some(len) = length {
+            req = req.header(http::header::CONTENT_LENGTH, len);
+        }
+        let mut req = req
+            .body(gated(body, std::sync::Arc::clone(&gate)))
+            .map_err(|_| ClientError::BadUrl(url.clone()))?;
+        {
+            let gate = std::sync::Arc::clone(&gate);
+            hyper::ext::on_informational(&mut req, move |res| {
+                if res.status() == StatusCode::CONTINUE {
+                    gate.set(Gate::GO);
+                }
+            });
+        }
+        let response = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| ClientError::Connect {
+                url: self.base.clone(),
+                detail: error_chain(&e),
+            })?;
+        // A final answer before the body went: it never goes.
+        gate.set(Gate::STOP);
+        Ok(response)
+    }
+
     /// Sends one call; `body` is sent as JSON.
     pub async fn call(
         &self,
@@ -243,6 +292,70 @@ impl ApiClient {
             .to_bytes();
         Ok(ApiResponse { status, body })
     }
+}
+
+/// How long an upload waits for the server's `100 Continue` before it sends its body anyway.
+pub const CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Whether an upload's body may go: still waiting, go (the server asked for it, or it said
+/// nothing in time), or never (a final answer came first).
+#[derive(Default)]
+struct Gate {
+    state: std::sync::atomic::AtomicU8,
+    changed: tokio::sync::Notify,
+}
+
+impl Gate {
+    const WAIT: u8 = 0;
+    const GO: u8 = 1;
+    const STOP: u8 = 2;
+
+    /// Moves on from waiting (once: a later `set` changes nothing).
+    fn set(&self, to: u8) {
+        use std::sync::atomic::Ordering;
+        if self
+            .state
+            .compare_exchange(Self::WAIT, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Returns when the body may go; pends forever when it never may.
+    async fn opened(&self) {
+        use std::sync::atomic::Ordering;
+        let deadline = tokio::time::Instant::now() + CONTINUE_WAIT;
+        loop {
+            match self.state.load(Ordering::Acquire) {
+                Self::WAIT => {}
+                Self::GO => return,
+                _ => std::future::pending::<()>().await,
+            }
+            if tokio::time::timeout_at(deadline, self.changed.notified())
+                .await
+                .is_err()
+            {
+                self.set(Self::GO);
+            }
+        }
+    }
+}
+
+/// `body`, held back until `gate` opens.
+fn gated(body: RequestBody, gate: std::sync::Arc<Gate>) -> RequestBody {
+    use futures_util::StreamExt;
+    let opened = futures_util::stream::once(async move {
+        gate.opened().await;
+        None
+    })
+    .filter_map(
+        |none: Option<Result<http_body::Frame<Bytes>, std::io::Error>>| async move { none },
+    );
+    let frames = futures_util::stream::unfold(body, |mut body| async move {
+        body.frame().await.map(|frame| (frame, body))
+    });
+    http_body_util::StreamBody::new(opened.chain(frames)).boxed_unsync()
 }
 
 /// An error and its causes on one line.

@@ -148,6 +148,16 @@ impl HttpError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 
+    /// The disk (or a quota) is full: the request was fine, there is no room for it (507, as
+    /// WebDAV defined it). A client may retry once space is freed; nothing of it was kept.
+    pub fn insufficient_storage(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "insufficient_storage",
+            message,
+        )
+    }
+
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -317,6 +327,17 @@ impl axum::response::IntoResponse for HttpError {
     }
 }
 
+/// Whether an I/O error says the disk is full (`ENOSPC`) or its owner's quota is
+/// (`EDQUOT`): 507 rather than 500 or 503, since nothing is broken but room.
+pub fn is_storage_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || e
+        .raw_os_error()
+        .is_some_and(|n| n == nix::libc::ENOSPC || n == nix::libc::EDQUOT)
+}
+
 /// True when the client ranks `text/html` above JSON (a browser navigating).
 pub fn prefers_html(headers: &HeaderMap) -> bool {
     let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
@@ -374,6 +395,23 @@ mod tests {
         assert!(!prefers_html(&accept("*/*")));
         assert!(!prefers_html(&HeaderMap::new()));
         assert!(!prefers_html(&accept("text/html;q=0.1, application/json")));
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart() {
+        for n in [nix::libc::ENOSPC, nix::libc::EDQUOT] {
+            assert!(is_storage_full(&std::io::Error::from_raw_os_error(n)));
+        }
+        assert!(is_storage_full(&std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "wrapped"
+        )));
+        assert!(!is_storage_full(&std::io::Error::from_raw_os_error(
+            nix::libc::EIO
+        )));
+        let e = HttpError::insufficient_storage("no space left on device");
+        assert_eq!(e.json_response().status(), StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(e.code, "insufficient_storage");
     }
 
     #[test]

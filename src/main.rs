@@ -1323,7 +1323,11 @@ async fn image_command(api: ApiArgs, command: ImageCommand) -> anyhow::Result<Ex
                 "/v1/images?name={}",
                 url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>()
             );
-            let response = client.send_body(Method::POST, &path, length, body).await?;
+            // Expect: 100-continue, so that a refusal the gateway sends before it reads the
+            // archive (not an admin, the name exists, too large) is printed, not a broken pipe.
+            let response = client
+                .send_upload(Method::POST, &path, length, body)
+                .await?;
             if let Ok(p) = std::sync::Arc::try_unwrap(progress) {
                 p.into_inner()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)

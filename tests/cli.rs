@@ -3,6 +3,8 @@
 //! their exit codes, and `--help` everywhere.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/archive.rs"]
+mod archive;
 mod common;
 
 use std::path::PathBuf;
@@ -1185,4 +1187,75 @@ async fn sandboxes_are_named_tagged_filtered_and_retagged() {
     let out = cli.run(&create(&["--name", "Bad_Name"])).await;
     assert_eq!(out.code, 6, "{}", out.stderr);
     assert!(out.stderr.contains("name must be"), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_import_prints_the_refusal_the_gateway_sends_before_the_body() {
+    let gw = TestGateway::start().await;
+    let cli = Cli::new(&gw);
+    // Large enough that a client pushing its body into a refusal gets a broken pipe, not the
+    // answer (sparse: nothing of it is on the disk).
+    let big = cli.cwd.path().join("big.tar");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(512 * 1024 * 1024)
+        .unwrap();
+    let big = big.to_str().unwrap().to_string();
+    let (_, reader) = create_credential(
+        &gw,
+        json!({"name": "reader", "scopes": ["sandboxes:read", "sandboxes:write"]}),
+    )
+    .await;
+
+    // Not an admin: 403, said before any of the body is read.
+    let started = std::time::Instant::now();
+    let out = cli.run_as(&reader, &["image", "import", "x", &big]).await;
+    assert_eq!(
+        out.code, 3,
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout, out.stderr
+    );
+    assert!(
+        out.stderr.contains("lacks the `admin` scope") && out.stderr.contains("HTTP 403"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        started.elapsed() < sandgate::client::CONTINUE_WAIT,
+        "the refusal came at once, the body never went ({:?})",
+        started.elapsed()
+    );
+
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped the import part: images are unpacked as root");
+        return;
+    }
+    // An archive that is read (after the gateway's 100 Continue) imports.
+    let tiny = cli.cwd.path().join("tiny.tar");
+    std::fs::write(&tiny, archive::sized_image(4096)).unwrap();
+    let started = std::time::Instant::now();
+    let out = cli
+        .run(&["image", "import", "tiny", tiny.to_str().unwrap()])
+        .await
+        .ok();
+    assert!(out.stdout.contains("Imported tiny"), "{}", out.stdout);
+    assert!(
+        started.elapsed() < sandgate::client::CONTINUE_WAIT,
+        "the body went on the gateway's 100 Continue, not after the wait for it ({:?})",
+        started.elapsed()
+    );
+    // The name exists: 409, said before any of the (large) body is read.
+    let out = cli.run(&["image", "import", "tiny", &big]).await;
+    assert_eq!(
+        out.code, 6,
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout, out.stderr
+    );
+    assert!(
+        out.stderr.contains("an image named tiny exists") && out.stderr.contains("HTTP 409"),
+        "{}",
+        out.stderr
+    );
+    let (_, v) = gw.api(Method::GET, "/v1/images", None).await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 2, "{v}");
 }

@@ -98,11 +98,9 @@ fn files_error(e: FilesError) -> HttpError {
             ErrorKind::IsDir | ErrorKind::ExistsNotEmpty => HttpError::conflict(message),
             ErrorKind::Permission => HttpError::forbidden(message),
             ErrorKind::Invalid => HttpError::invalid_argument(message),
-            ErrorKind::NoSpace => HttpError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "insufficient_storage",
-                message,
-            ),
+            // The helper removed its partial file (the target keeps its old content): a
+            // write that does not fit leaves nothing half-written behind.
+            ErrorKind::NoSpace => HttpError::insufficient_storage(message),
             ErrorKind::Io => {
                 tracing::error!(error = %message, "a file operation failed inside a sandbox");
                 HttpError::internal()

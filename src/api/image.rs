@@ -139,9 +139,7 @@ pub(super) async fn import_image(
         tokio::task::spawn_blocking(move || images.upload_file())
             .await
             .map_err(|_| HttpError::internal())?
-            .map_err(|e| {
-                HttpError::unavailable(format!("cannot write under <data_dir>/images: {e}"))
-            })?
+            .map_err(|e| storage_error("cannot write under <data_dir>/images", &e))?
     };
     let upload = Upload(path);
     let mut file = tokio::fs::File::from_std(file);
@@ -167,11 +165,11 @@ pub(super) async fn import_image(
         }
         file.write_all(&chunk)
             .await
-            .map_err(|e| HttpError::unavailable(format!("cannot store the upload: {e}")))?;
+            .map_err(|e| storage_error("cannot store the upload", &e))?;
     }
     file.flush()
         .await
-        .map_err(|e| HttpError::unavailable(format!("cannot store the upload: {e}")))?;
+        .map_err(|e| storage_error("cannot store the upload", &e))?;
     drop(file);
     let meta = {
         let _held = driver.images().lock.write().await;
@@ -188,9 +186,7 @@ pub(super) async fn import_image(
         Err(e @ ImageError::Exists(_)) => return Err(HttpError::conflict(e.to_string())),
         Err(ImageError::Io(e)) => {
             tracing::error!(image = %name, error = %e, "cannot unpack an image");
-            return Err(HttpError::unavailable(format!(
-                "cannot unpack the image: {e}"
-            )));
+            return Err(storage_error("cannot unpack the image", &e));
         }
     };
     if meta.skipped_devices > 0 {
@@ -205,6 +201,19 @@ pub(super) async fn import_image(
     )
     .await;
     Ok(created(ImageView::of(&meta)))
+}
+
+/// A failed write under `images/`: 507 when the disk is full (the upload file and the staged
+/// folder are removed on the way out, so nothing is listed and `.incoming` is left empty),
+/// 503 otherwise.
+fn storage_error(what: &str, e: &std::io::Error) -> HttpError {
+    if crate::error::is_storage_full(e) {
+        HttpError::insufficient_storage(format!(
+            "{what}: the disk that holds <data_dir>/images is full ({e}); nothing was kept"
+        ))
+    } else {
+        HttpError::unavailable(format!("{what}: {e}"))
+    }
 }
 
 fn too_large(max: u64) -> HttpError {

@@ -217,9 +217,13 @@ fn io_reply(path: &Path, what: &str, e: &std::io::Error) -> Reply {
             ErrorKind::Invalid,
             format!("{p} is on a read-only filesystem of the sandbox"),
         ),
-        Some(Errno::ENOSPC | Errno::EDQUOT) => Reply::error(
+        Some(Errno::ENOSPC) => Reply::error(
             ErrorKind::NoSpace,
-            format!("no space left in the sandbox to {what} {p}"),
+            format!("no space left on device: cannot {what} {p} (the file system that holds it is full; nothing was written)"),
+        ),
+        Some(Errno::EDQUOT) => Reply::error(
+            ErrorKind::NoSpace,
+            format!("disk quota exceeded: cannot {what} {p} (nothing was written)"),
         ),
         Some(Errno::ELOOP | Errno::ENAMETOOLONG | Errno::EEXIST) => {
             Reply::error(ErrorKind::Invalid, format!("cannot {what} {p}: {e}"))
@@ -242,9 +246,24 @@ fn real_parent<'p>(
         return Err(Reply::error(ErrorKind::Invalid, outside_message(writable)));
     };
     if create {
+        // The deepest folder on the way that exists is checked first, so that a refused
+        // write makes no folder either (through a link that leads out).
+        let mut existing = parent;
+        while std::fs::metadata(existing).is_err() {
+            match existing.parent() {
+                Some(up) => existing = up,
+                None => break,
+            }
+        }
+        confined(existing, path, writable)?;
         std::fs::create_dir_all(parent).map_err(|e| io_reply(parent, "create", &e))?;
     }
-    let real = std::fs::canonicalize(parent).map_err(|e| io_reply(parent, "open", &e))?;
+    Ok((confined(parent, path, writable)?, name))
+}
+
+/// `dir` with its links resolved, when that is inside a writable place.
+fn confined(dir: &Path, path: &Path, writable: &[PathBuf]) -> Result<PathBuf, Reply> {
+    let real = std::fs::canonicalize(dir).map_err(|e| io_reply(dir, "open", &e))?;
     let roots: Vec<PathBuf> = writable
         .iter()
         .filter_map(|r| std::fs::canonicalize(r).ok())
@@ -259,7 +278,7 @@ fn real_parent<'p>(
             ),
         ));
     }
-    Ok((real, name))
+    Ok(real)
 }
 
 fn write_file(
@@ -684,6 +703,7 @@ pub async fn delete(cmd: tokio::process::Command, spec: &[u8]) -> Result<Option<
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "in tests a panic is the failure report")]
 mod tests {
     use super::*;
 
@@ -702,5 +722,148 @@ mod tests {
         assert!(!inside(Path::new("/workspace"), &roots));
         assert!(!inside(Path::new("/workspacex/a"), &roots));
         assert!(!inside(Path::new("/etc/passwd"), &roots));
+    }
+
+    /// Path-like text: the pieces that matter to a path parser (`..`, `.`, empty components,
+    /// `/`, NUL, unicode, over-long components, the writable places' names) joined by `/`,
+    /// or any text at all.
+    fn path_like() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let piece = prop_oneof![
+            Just(String::new()),
+            Just(".".to_string()),
+            Just("..".to_string()),
+            Just("/".to_string()),
+            Just("\0".to_string()),
+            Just("workspace".to_string()),
+            Just("tmp".to_string()),
+            Just("data".to_string()),
+            Just("workspacex".to_string()),
+            "[a-z0-9._-]{1,12}",
+            "\\PC{1,6}",
+            "[.a/]{1,6}",
+            "x{250,300}",
+        ];
+        prop_oneof![
+            4 => proptest::collection::vec(piece, 0..10).prop_map(|v| v.join("/")),
+            1 => proptest::collection::vec("[a/.]{0,700}", 1..8).prop_map(|v| v.join("/")),
+            1 => any::<String>(),
+        ]
+    }
+
+    /// The writable places of a sandbox that mounts a volume at `/data`.
+    fn roots() -> Vec<PathBuf> {
+        WRITABLE
+            .iter()
+            .map(PathBuf::from)
+            .chain([PathBuf::from("/data")])
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(1024))]
+
+        /// Whatever a client sends as `?path=`: no panic; what is accepted is absolute, made
+        /// of plain names only, means what was sent, and is inside a writable place exactly
+        /// when its text is under one.
+        #[test]
+        fn any_path_is_refused_or_plain_and_placed(raw in path_like(), rooted in proptest::bool::ANY) {
+            let raw = if rooted { format!("/{raw}") } else { raw };
+            let Ok(p) = normalize(&raw) else {
+                return Ok(());
+            };
+            proptest::prop_assert!(raw.starts_with('/') && raw.len() <= 4096);
+            proptest::prop_assert!(!raw.split('/').any(|c| c == ".."), "accepted {raw:?}");
+            let mut parts = p.components();
+            proptest::prop_assert_eq!(parts.next(), Some(Component::RootDir));
+            let mut names = Vec::new();
+            for c in parts {
+                let Component::Normal(name) = c else {
+                    return Err(proptest::test_runner::TestCaseError::fail(format!("{c:?} in {p:?}")));
+                };
+                let name = name.to_str().unwrap();
+                proptest::prop_assert!(!name.is_empty() && name != "." && name != "..");
+                proptest::prop_assert!(!name.contains('/') && !name.contains('\0'));
+                names.push(name);
+            }
+            // The same names as the text, only `.` and empty ones dropped.
+            let meant: Vec<&str> = raw.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+            proptest::prop_assert_eq!(&names, &meant);
+            let text = p.to_str().unwrap();
+            proptest::prop_assert!(!text.contains("//"));
+            proptest::prop_assert_eq!(normalize(text), Ok(p.clone()));
+            let under = roots().iter().any(|r| text.starts_with(&format!("{}/", r.display())));
+            proptest::prop_assert_eq!(inside(&p, &roots()), under, "{}", text);
+        }
+    }
+
+    /// Every accepted path under a writable place of a tree that holds links out (to folders
+    /// outside, absolute and relative), a file and folders: the folder a write would land in
+    /// is inside a writable place, or the write is refused, and nothing is made outside. (No
+    /// link to the real `/`: a regression would then make folders all over the host.)
+    #[test]
+    fn writes_land_inside_the_writable_places_or_nowhere() {
+        use proptest::strategy::{Strategy, ValueTree};
+        let tmp = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(tmp.path()).unwrap();
+        let (ws, vol, outside) = (base.join("ws"), base.join("vol"), base.join("outside"));
+        let fake_root = base.join("root");
+        std::fs::create_dir_all(ws.join("a/b")).unwrap();
+        std::fs::create_dir_all(&vol).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::create_dir(&fake_root).unwrap();
+        std::os::unix::fs::symlink(&outside, ws.join("out")).unwrap();
+        std::os::unix::fs::symlink(&fake_root, ws.join("root")).unwrap();
+        std::os::unix::fs::symlink("../..", ws.join("a/up")).unwrap();
+        std::os::unix::fs::symlink(&vol, ws.join("tovol")).unwrap();
+        std::fs::write(ws.join("a/file"), b"x").unwrap();
+        let writable = vec![ws.clone(), vol.clone()];
+        let piece = proptest::sample::select(vec![
+            "a", "b", "out", "root", "up", "tovol", "file", "..", ".", "", "new", "n\u{e9}w",
+        ]);
+        let strategy = proptest::collection::vec(piece, 1..6).prop_map(|v| v.join("/"));
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let (mut landed, mut refused) = (0, 0);
+        for _ in 0..600 {
+            let rel = strategy.new_tree(&mut runner).unwrap().current();
+            let Ok(path) = normalize(&format!("{}/{rel}", ws.display())) else {
+                continue;
+            };
+            match real_parent(&path, &writable, true) {
+                Ok((dir, name)) => {
+                    landed += 1;
+                    assert!(
+                        dir.starts_with(&ws) || dir.starts_with(&vol),
+                        "{rel} lands in {}",
+                        dir.display()
+                    );
+                    assert!(Path::new(name).components().count() == 1, "{rel}");
+                    assert!(dir.is_dir());
+                }
+                Err(Reply::Error { .. }) => refused += 1,
+                Err(other) => panic!("{rel}: {other:?}"),
+            }
+        }
+        assert!(
+            landed > 50 && refused > 50,
+            "landed {landed}, refused {refused}"
+        );
+        for out in [&outside, &fake_root] {
+            assert_eq!(
+                std::fs::read_dir(out).unwrap().count(),
+                0,
+                "a folder was made through a link that leads out"
+            );
+        }
+        let mut top: Vec<String> = std::fs::read_dir(&base)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        top.sort();
+        assert_eq!(
+            top,
+            ["outside", "root", "vol", "ws"],
+            "a folder was made through `up`"
+        );
     }
 }

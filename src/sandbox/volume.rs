@@ -52,6 +52,10 @@ const RESERVED_TARGETS: &[&str] = &[
     "proc", "dev", "sys", "usr", "bin", "sbin", "etc", "lib", "lib32", "lib64", "libx32",
 ];
 
+/// Longest path component Linux file systems take (`NAME_MAX`): a longer one would fail as
+/// `ENAMETOOLONG` only when the folder is made, and be reported as an I/O failure.
+const NAME_MAX: usize = 255;
+
 /// Whether `name` is a volume name: 1 to 63 of `[a-z0-9-]`.
 pub fn valid_name(name: &str) -> bool {
     (1..=63).contains(&name.len())
@@ -85,6 +89,12 @@ pub fn validate_target(path: &str) -> Result<(), String> {
             short(path)
         ));
     }
+    if rest.split('/').any(|c| c.len() > NAME_MAX) {
+        return Err(format!(
+            "volume path `{}` has a component longer than {NAME_MAX} bytes",
+            short(path)
+        ));
+    }
     let first = rest.split('/').next().unwrap_or_default();
     if RESERVED_TARGETS.contains(&first) {
         return Err(format!(
@@ -112,6 +122,12 @@ pub fn sub_path_components(sub_path: &str) -> Result<Vec<String>, String> {
     if parts.iter().any(|c| c.is_empty() || c == "." || c == "..") {
         return Err(format!(
             "sub_path `{}` may not hold `..`, `.` or empty components: it never leaves the volume",
+            short(sub_path)
+        ));
+    }
+    if parts.iter().any(|c| c.len() > NAME_MAX) {
+        return Err(format!(
+            "sub_path `{}` has a component longer than {NAME_MAX} bytes",
             short(sub_path)
         ));
     }
@@ -392,6 +408,10 @@ mod tests {
         for bad in ["", "/abs", "../x", "a/../b", "a//b", "a/", "./a", "a/."] {
             assert!(sub_path_components(bad).is_err(), "{bad}");
         }
+        let long = "x".repeat(256);
+        assert!(sub_path_components(&long).is_err());
+        assert!(validate_target(&format!("/data/{long}")).is_err());
+        sub_path_components(&"x".repeat(255)).unwrap();
         assert!(overlaps("/workspace", "/workspace/x"));
         assert!(overlaps("/data", "/data"));
         assert!(!overlaps("/data", "/database"));
@@ -436,6 +456,122 @@ mod tests {
             open_confined(&base, &parts("file/x"), me),
             Err(ConfineError::NotDir(_))
         ));
+    }
+
+    /// Path-like text: the pieces that matter to a path parser (`..`, `.`, empty components,
+    /// `/`, NUL, unicode, over-long components) joined by `/`, or any text at all.
+    fn path_like() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let piece = prop_oneof![
+            Just(String::new()),
+            Just(".".to_string()),
+            Just("..".to_string()),
+            Just("/".to_string()),
+            Just("\0".to_string()),
+            Just("...".to_string()),
+            Just("a\0b".to_string()),
+            "[a-z0-9._-]{1,12}",
+            "\\PC{1,6}",
+            "[.a/]{1,6}",
+            "x{250,260}",
+        ];
+        prop_oneof![
+            4 => proptest::collection::vec(piece, 0..10).prop_map(|v| v.join("/")),
+            1 => any::<String>(),
+            1 => "[a/.]{1000,1100}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(512))]
+
+        /// Whatever a client sends as `sub_path`: no panic, and what is accepted is a list of
+        /// plain names that spell exactly what was sent.
+        #[test]
+        fn any_sub_path_is_refused_or_plain_names(s in path_like()) {
+            if let Ok(parts) = sub_path_components(&s) {
+                proptest::prop_assert!(!parts.is_empty());
+                proptest::prop_assert!(s.len() <= 1024);
+                for c in &parts {
+                    proptest::prop_assert!(!c.is_empty() && c != "." && c != "..", "{c:?}");
+                    proptest::prop_assert!(!c.contains('/') && !c.contains('\0'), "{c:?}");
+                    proptest::prop_assert!(c.len() <= NAME_MAX);
+                }
+                proptest::prop_assert_eq!(parts.join("/"), s);
+            }
+        }
+
+        /// Whatever a client sends as a volume's mount `path`: no panic, and what is accepted
+        /// is absolute, normalized and off the system's trees.
+        #[test]
+        fn any_mount_path_is_refused_or_normal(s in proptest::strategy::Strategy::prop_map(path_like(), |s| format!("/{s}"))) {
+            if validate_target(&s).is_ok() {
+                let rest = &s[1..];
+                proptest::prop_assert!(!rest.is_empty() && s.len() <= 1024);
+                for c in rest.split('/') {
+                    proptest::prop_assert!(!c.is_empty() && c != "." && c != ".." && !c.contains('\0'));
+                    proptest::prop_assert!(c.len() <= NAME_MAX);
+                }
+                let first = rest.split('/').next().unwrap();
+                proptest::prop_assert!(!RESERVED_TARGETS.contains(&first));
+                // As the kernel would read it: the same path, nothing resolved away.
+                let p = Path::new(&s);
+                proptest::prop_assert!(p.components().all(|c| matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )));
+            }
+        }
+    }
+
+    /// Every accepted `sub_path`, opened in a volume whose tree holds a link out, a file and
+    /// folders: the folder it ends in is inside the volume, and nothing appears outside.
+    #[test]
+    fn accepted_sub_paths_open_inside_the_volume() {
+        use proptest::strategy::{Strategy, ValueTree};
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("vol");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(base.join("a/b")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, base.join("out")).unwrap();
+        std::os::unix::fs::symlink("../..", base.join("a/up")).unwrap();
+        std::fs::write(base.join("a/file"), b"x").unwrap();
+        let real_base = std::fs::canonicalize(&base).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        // Names that hit the tree's links, file and folders, and the attack pieces.
+        let piece = proptest::sample::select(vec![
+            "a", "b", "out", "up", "file", "..", ".", "", "new", "x\u{e9}",
+        ]);
+        let strategy = proptest::collection::vec(piece, 1..6).prop_map(|v| v.join("/"));
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let mut accepted = 0;
+        for _ in 0..400 {
+            let s = strategy.new_tree(&mut runner).unwrap().current();
+            let Ok(parts) = sub_path_components(&s) else {
+                continue;
+            };
+            accepted += 1;
+            match open_confined(&base, &parts, me) {
+                Ok(fd) => {
+                    let at = std::fs::read_link(format!(
+                        "/proc/self/fd/{}",
+                        std::os::fd::AsRawFd::as_raw_fd(&fd)
+                    ))
+                    .unwrap();
+                    assert!(at.starts_with(&real_base), "{s} opened {}", at.display());
+                    assert_eq!(at, real_base.join(parts.join("/")), "{s}");
+                }
+                Err(ConfineError::Symlink(c)) => assert!(c == "out" || c == "up", "{s}: {c}"),
+                Err(ConfineError::NotDir(c)) => assert_eq!(c, "file", "{s}"),
+                Err(e) => panic!("{s}: {e}"),
+            }
+        }
+        assert!(
+            accepted > 50,
+            "the strategy yields accepted sub_paths ({accepted})"
+        );
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     }
 
     #[test]
