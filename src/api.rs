@@ -1343,6 +1343,9 @@ fn driver_error(e: crate::sandbox::process::DriverError) -> HttpError {
         DriverError::Store(err) => err.into(),
         DriverError::VolumeInvalid(why) => HttpError::invalid_argument(why),
         DriverError::VolumeConflict(why) => HttpError::conflict(why),
+        DriverError::Dir(err) if crate::error::is_storage_full(&err) => {
+            HttpError::insufficient_storage(format!("cannot prepare the sandbox: {err}"))
+        }
         DriverError::Dir(err) => {
             tracing::error!(error = %err, "cannot prepare a sandbox directory");
             HttpError::internal()

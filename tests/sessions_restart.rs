@@ -395,3 +395,109 @@ async fn volumes_and_images_survive_a_restart() {
     }
     serve.stop().await;
 }
+
+/// Bytes of the files under `dir`, not following links.
+fn bytes_under(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_killed_midway_leaves_nothing_and_the_frozen_sandbox_is_ended() {
+    if !can_isolate() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let serve = Serve::start(dir).await;
+    let id = serve
+        .sandbox(json!({"command": ["python3", "-m", "http.server", "8000"], "ports": [8000]}))
+        .await;
+    // Enough to copy for a while: 48 files of 8 MiB.
+    serve
+        .sh(
+            &id,
+            "for i in $(seq 48); do head -c 8388608 /dev/urandom > /workspace/f$i; done",
+        )
+        .await;
+    let (tls, key) = (serve.tls.clone(), serve.admin_key.clone());
+    let path = format!("/v1/sandboxes/{id}/snapshots");
+    let taking = tokio::spawn(async move {
+        api_via(
+            &tls,
+            &key,
+            Method::POST,
+            &path,
+            Some(json!({"name": "half"})),
+        )
+        .await
+    });
+    // The copy is under way in images/.incoming when the gateway dies.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let staged: u64 = incoming(dir)
+            .iter()
+            .map(|(name, _)| bytes_under(&dir.join("data/images/.incoming").join(name)))
+            .sum();
+        if staged > 0 {
+            break;
+        }
+        assert!(
+            !taking.is_finished() && Instant::now() < deadline,
+            "no snapshot copy seen under images/.incoming"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pids = sandbox_pids(&id);
+    assert!(!pids.is_empty());
+    serve.kill().await;
+    taking.abort();
+    assert!(!dir.join("data/images/half").exists());
+    assert!(!incoming(dir).is_empty(), "the killed copy left its folder");
+
+    // Back: nothing listed or left, the sandbox (frozen when the gateway died) is ended, and
+    // the name is free.
+    let serve = Serve::start_with(dir, &dir.join("sandgate.toml")).await;
+    let (_, v) = serve.api(Method::GET, "/v1/images", None).await;
+    assert_eq!(image_names(&v), ["host"], "{v}");
+    assert_eq!(incoming(dir), Vec::<(String, u64)>::new());
+    let (_, v) = serve
+        .api(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_ne!(v["status"], "running", "{v}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| process_alive(p)) {
+        assert!(
+            Instant::now() < deadline,
+            "the frozen sandbox's processes live on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = serve
+        .sandbox(json!({"command": ["python3", "-m", "http.server", "8000"], "ports": [8000]}))
+        .await;
+    serve.sh(&again, "echo kept > /workspace/k.txt").await;
+    let (status, v) = serve
+        .api(
+            Method::POST,
+            &format!("/v1/sandboxes/{again}/snapshots"),
+            Some(json!({"name": "half"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    serve.delete(&again).await;
+    serve.stop().await;
+}

@@ -323,7 +323,7 @@ fn snapshot_error(e: SnapshotError) -> HttpError {
     match e {
         SnapshotError::NotRunning => HttpError::conflict("the sandbox is not running"),
         SnapshotError::NotIsolated => HttpError::conflict(e.to_string()),
-        SnapshotError::Copy(c) if c.is_no_space() => insufficient_storage(c.to_string()),
+        SnapshotError::Copy(c) if c.is_no_space() => HttpError::insufficient_storage(c.to_string()),
         SnapshotError::Copy(
             c @ (CopyError::TooLarge(_) | CopyError::TooMany(_) | CopyError::TooDeep),
         ) => HttpError::invalid_argument(c.to_string()),
@@ -335,30 +335,14 @@ fn snapshot_error(e: SnapshotError) -> HttpError {
             "an image named {name} exists: delete it first, or pick another name"
         )),
         SnapshotError::Image(ImageError::Invalid(why)) => HttpError::conflict(why),
-        SnapshotError::Image(ImageError::Io(e)) if no_space(&e) => {
-            insufficient_storage(format!("cannot store the snapshot: {e}"))
+        SnapshotError::Image(ImageError::Io(e)) if crate::error::is_storage_full(&e) => {
+            HttpError::insufficient_storage(format!("cannot store the snapshot: {e}"))
         }
         SnapshotError::Image(ImageError::Io(e)) => {
             tracing::error!(error = %e, "cannot store a snapshot");
             HttpError::unavailable(format!("cannot store the snapshot: {e}"))
         }
     }
-}
-
-fn no_space(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(28) | Some(122))
-        || matches!(
-            e.kind(),
-            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-        )
-}
-
-fn insufficient_storage(message: String) -> HttpError {
-    HttpError::new(
-        StatusCode::INSUFFICIENT_STORAGE,
-        "insufficient_storage",
-        message,
-    )
 }
 
 pub(super) async fn delete_image(

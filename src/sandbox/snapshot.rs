@@ -91,8 +91,7 @@ pub enum CopyError {
 impl CopyError {
     /// Whether the disk (or a quota) was full.
     pub fn is_no_space(&self) -> bool {
-        matches!(self, CopyError::Io { source, .. }
-            if matches!(source.raw_os_error(), Some(28) | Some(122)))
+        matches!(self, CopyError::Io { source, .. } if crate::error::is_storage_full(source))
     }
 }
 
