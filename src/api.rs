@@ -77,7 +77,11 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             "/v1/images",
             post(image::import_image).get(image::list_images),
         )
-        .route("/v1/images/{name}", delete(image::delete_image))
+        .route(
+            "/v1/images/{name}",
+            get(image::get_image).delete(image::delete_image),
+        )
+        .route("/v1/sandboxes/{id}/snapshots", post(image::create_snapshot))
         .route("/v1/audit", get(audit))
         .route("/v1/nodes", get(list_nodes))
         .fallback(|| async { HttpError::not_found("no such endpoint") })
@@ -718,7 +722,9 @@ async fn create_sandbox(
             let n = name.to_string();
             let meta = tokio::task::spawn_blocking(move || images.get(&n))
                 .await
-                .map_err(|_| HttpError::internal())?;
+                .map_err(|_| HttpError::internal())?
+                // Another credential's snapshot is not there for this one.
+                .filter(|m| m.visible_to(&caller.credential.id, caller.is_admin()));
             Some(meta.ok_or_else(|| {
                 HttpError::invalid_argument(format!(
                     "no image named `{}`: see GET /v1/images, or import one with POST /v1/images?name=N",

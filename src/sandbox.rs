@@ -14,6 +14,7 @@ pub mod mount;
 pub mod netns;
 pub mod process;
 pub mod seccomp;
+pub mod snapshot;
 pub mod spec;
 pub mod volume;
 

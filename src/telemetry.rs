@@ -99,6 +99,11 @@ struct EgressLabels {
     decision: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StorageLabels {
+    op: &'static str,
+}
+
 /// The gateway's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -118,6 +123,10 @@ pub struct Metrics {
     /// and one refused with a 403. Resolved once, so the proxy takes no family lock.
     pub egress_allowed: Counter,
     pub egress_denied: Counter,
+    /// Volume, image, snapshot and file operations done, and the bytes they wrote, by `op`
+    /// (see [`Metrics::storage`]).
+    storage_ops: Family<StorageLabels, Counter>,
+    storage_bytes: Family<StorageLabels, Counter>,
     /// Handles into `requests` and `latency`, resolved once: the families hash their labels
     /// and take a lock on every lookup, which the hot path should not pay per request.
     request_counters: Box<[OnceLock<Counter>]>,
@@ -220,6 +229,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one storage operation `op` (`volume_create`, `volume_delete`, `image_import`,
+    /// `image_delete`, `snapshot_create`, `snapshot_delete`, `file_write`, `file_delete`) that
+    /// wrote `bytes`. Control-plane only: the family lookup takes a lock.
+    pub fn storage(&self, op: &'static str, bytes: u64) {
+        let labels = StorageLabels { op };
+        self.storage_ops.get_or_create(&labels).inc();
+        if bytes > 0 {
+            self.storage_bytes.get_or_create(&labels).inc_by(bytes);
+        }
+    }
+
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("sandgate");
         let requests = Family::<RequestLabels, Counter>::default();
@@ -296,6 +316,18 @@ impl Metrics {
         let egress_denied = egress
             .get_or_create(&EgressLabels { decision: "denied" })
             .clone();
+        let storage_ops = Family::<StorageLabels, Counter>::default();
+        registry.register(
+            "storage_operations",
+            "Volume, image, snapshot and file operations done, by op",
+            storage_ops.clone(),
+        );
+        let storage_bytes = Family::<StorageLabels, Counter>::default();
+        registry.register(
+            "storage_written_bytes",
+            "Bytes written by image imports, snapshots and file writes, by op",
+            storage_bytes.clone(),
+        );
         let latency_by_route =
             RouteKind::ALL.map(|route| latency.get_or_create(&RouteLabels { route }).clone());
         Metrics {
@@ -315,6 +347,8 @@ impl Metrics {
             upgrades,
             egress_allowed,
             egress_denied,
+            storage_ops,
+            storage_bytes,
         }
     }
 

@@ -599,3 +599,251 @@ async fn images_on_the_command_line() {
     assert_eq!(names(&list), ["host", "from-file"]);
     gw.stop().await;
 }
+
+/// Snapshots (`POST /v1/sandboxes/{id}/snapshots`): a running sandbox's `/workspace` and the
+/// changes to its root (new files, edits, deletions) become an image built on its image; a
+/// sandbox started from it has those files as its own, and neither the original nor the
+/// snapshot changes when it writes; links the sandbox planted are copied as links, never
+/// followed; a non-admin's snapshot is its own; snapshots outlive the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_starts_new_sandboxes_with_the_changes_and_leaves_the_original_alone() {
+    if !can_isolate() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start_in(tmp.path(), "").await;
+    let key = gw.admin_key.clone();
+    let (status, v) = import(&gw, &key, "bb", busybox_image()).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+
+    let a = from_image(&gw, "bb").await;
+    let secret_file = tmp.path().join("host-secret.txt");
+    std::fs::write(&secret_file, "host secret\n").unwrap();
+    let (code, out) = sh(
+        &gw,
+        &a,
+        &format!(
+            "echo v1 > /workspace/w.txt && mkdir -p /workspace/deep/er && echo d > /workspace/deep/er/d.txt && \
+             mkdir -p /opt && echo rooted > /opt/x.txt && rm /marker.txt && echo mine > /etc/mine && \
+             busybox ln -s / /workspace/to-root && busybox ln -s {} /workspace/to-host-file && busybox ln -s /etc /workspace/etc-link && \
+             echo ok",
+            secret_file.display()
+        ),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+
+    // Refusals first: a bad name, an existing one, another owner's sandbox.
+    let snap = |id: &str, name: &str| {
+        let (id, name) = (id.to_string(), name.to_string());
+        let gw = &gw;
+        async move {
+            gw.api(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/snapshots"),
+                Some(json!({ "name": name })),
+            )
+            .await
+        }
+    };
+    let (status, v) = snap(&a, "Bad_Name").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("name"),
+        "{v}"
+    );
+    let (status, v) = snap(&a, "bb").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let (status, v) = snap(&a, "host").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+
+    let (status, v) = snap(&a, "prepared").await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["name"], "prepared");
+    assert_eq!(v["source"], "snapshot");
+    assert_eq!(v["base"], "bb");
+    let size = v["size_bytes"].as_u64().unwrap();
+    assert!((10..100_000).contains(&size), "only the changes: {v}");
+    let (status, v) = snap(&a, "prepared").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let (status, v) = gw.api(Method::GET, "/v1/images/prepared", None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["base"], "bb");
+    // Links were copied as links: no host content in the snapshot.
+    let stored = tmp.path().join("data/images/prepared");
+    assert!(std::fs::symlink_metadata(stored.join("workspace/to-root"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(find_named(&stored, "host-secret.txt").is_empty());
+    assert!(std::fs::symlink_metadata(stored.join("workspace/etc-link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    // A sandbox of the snapshot: the changes are there, it runs the image's Cmd, its files
+    // are its own user's, and nothing of the host came through the planted links.
+    let b = from_image(&gw, "prepared").await;
+    let (code, out) = sh(
+        &gw,
+        &b,
+        "cat /workspace/w.txt /workspace/deep/er/d.txt /opt/x.txt /etc/mine; \
+         test -e /marker.txt && echo marker-present || echo marker-absent; \
+         test \"$(stat -c %u /workspace/w.txt)\" = \"$(id -u)\" && echo owned; \
+         test \"$(stat -c %u /opt/x.txt)\" = \"$(id -u)\" && echo root-owned-too; \
+         cat /workspace/to-host-file 2>&1 | busybox head -c 200; echo; echo \"$GREETING\"",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    for want in [
+        "v1",
+        "d\n",
+        "rooted",
+        "mine",
+        "marker-absent",
+        "owned",
+        "root-owned-too",
+        "hello",
+    ] {
+        assert!(out.contains(want), "missing {want:?}: {out}");
+    }
+    assert!(!out.contains("host secret"), "{out}");
+    // It writes its own copy: the original and the snapshot keep theirs.
+    let (code, out) = sh(
+        &gw,
+        &b,
+        "echo v2 > /workspace/w.txt && echo changed > /opt/x.txt && cat /workspace/w.txt",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let (_, out) = sh(&gw, &a, "cat /workspace/w.txt /opt/x.txt").await;
+    assert!(
+        out.contains("v1") && out.contains("rooted"),
+        "the original: {out}"
+    );
+    let c = from_image(&gw, "prepared").await;
+    let (_, out) = sh(&gw, &c, "cat /workspace/w.txt /opt/x.txt").await;
+    assert!(
+        out.contains("v1") && out.contains("rooted"),
+        "the snapshot: {out}"
+    );
+
+    // A snapshot of a sandbox started from a snapshot is built on the same base, whole.
+    let (status, v) = snap(&b, "second").await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["base"], "bb");
+    let d = from_image(&gw, "second").await;
+    let (_, out) = sh(&gw, &d, "cat /workspace/w.txt /opt/x.txt /etc/mine").await;
+    assert!(
+        out.contains("v2") && out.contains("changed") && out.contains("mine"),
+        "{out}"
+    );
+
+    // In use, and built upon: neither is deleted.
+    let (status, v) = gw.api(Method::DELETE, "/v1/images/prepared", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let (status, v) = gw.api(Method::DELETE, "/v1/images/bb", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    for id in [&b, &c, &d] {
+        let (status, _) = gw
+            .api(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    let (status, v) = gw.api(Method::DELETE, "/v1/images/bb", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("snapshot"),
+        "{v}"
+    );
+
+    // A non-admin's snapshot, of a sandbox on the host image: its own, unseen by another.
+    let scopes = json!(["sandboxes:read", "sandboxes:write", "tokens:issue"]);
+    let (alice_id, alice) =
+        create_credential(&gw, json!({"name": "alice", "scopes": scopes})).await;
+    let (_, bob) = create_credential(&gw, json!({"name": "bob", "scopes": scopes})).await;
+    let (status, v) = gw
+        .api_as(
+            &alice,
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["sleep", "600"], "ports": [8000]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let h = v["id"].as_str().unwrap().to_string();
+    let (code, out) = sh(&gw, &h, "echo from-host-image > /workspace/notes.txt").await;
+    assert_eq!(code, 0, "{out}");
+    let path = format!("/v1/sandboxes/{h}/snapshots");
+    let (status, v) = gw
+        .api_as(&bob, Method::POST, &path, Some(json!({"name": "alices"})))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "another owner's sandbox: {v}"
+    );
+    let (status, v) = gw
+        .api_as(&alice, Method::POST, &path, Some(json!({"name": "alices"})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["base"], "host");
+    assert_eq!(v["owner"], alice_id.as_str());
+    let (_, list) = gw.api_as(&bob, Method::GET, "/v1/images", None).await;
+    assert!(!names(&list).contains(&"alices".to_string()), "{list}");
+    let (status, _) = gw
+        .api_as(&bob, Method::GET, "/v1/images/alices", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, v) = gw
+        .api_as(
+            &bob,
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"image": "alices", "command": ["sleep", "60"], "ports": [8000]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (_, list) = gw.api(Method::GET, "/v1/images", None).await;
+    assert_eq!(names(&list), ["host", "alices", "bb", "prepared", "second"]);
+    let (status, v) = gw
+        .api_as(
+            &alice,
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"image": "alices", "command": ["sleep", "600"], "ports": [8000]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let from_alices = v["id"].as_str().unwrap().to_string();
+    let (code, out) = sh(&gw, &from_alices, "cat /workspace/notes.txt").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("from-host-image"), "{out}");
+
+    // Snapshots outlive the gateway.
+    gw.stop().await;
+    let gw = TestGateway::start_in(tmp.path(), "").await;
+    let (_, list) = gw.api(Method::GET, "/v1/images", None).await;
+    assert_eq!(names(&list), ["host", "alices", "bb", "prepared", "second"]);
+    let e = from_image(&gw, "prepared").await;
+    let (_, out) = sh(&gw, &e, "cat /workspace/w.txt /opt/x.txt").await;
+    assert!(out.contains("v1") && out.contains("rooted"), "{out}");
+    let (status, _) = gw
+        .api(Method::DELETE, &format!("/v1/sandboxes/{e}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // The owner deletes its own snapshot; then the base goes once nothing is built on it.
+    let (status, v) = gw
+        .api_as(&alice, Method::DELETE, "/v1/images/alices", None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+    for name in ["prepared", "second", "bb"] {
+        let (status, v) = gw
+            .api(Method::DELETE, &format!("/v1/images/{name}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{name}: {v}");
+    }
+    let (_, list) = gw.api(Method::GET, "/v1/images", None).await;
+    assert_eq!(names(&list), ["host"]);
+    gw.stop().await;
+}

@@ -165,6 +165,7 @@ pub(super) async fn put_file(
         .await
         .map_err(files_error)?;
     // The path and the size, never the content.
+    gw.metrics.storage("file_write", size);
     gw.audit(
         &caller.credential.id,
         "file.write",
@@ -284,6 +285,7 @@ pub(super) async fn delete_file(
         Some(n) => format!("{id}:{} ({n} bytes)", path.display()),
         None => format!("{id}:{}", path.display()),
     };
+    gw.metrics.storage("file_delete", 0);
     gw.audit(
         &caller.credential.id,
         "file.delete",

@@ -11,12 +11,13 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-use super::{created, rfc3339, AppState, Caller, Items};
+use super::{created, owned_sandbox, rfc3339, ApiJson, AppState, Caller, Items};
 use crate::credential::Scope;
 use crate::error::HttpError;
 use crate::gateway::Gateway;
 use crate::sandbox::image::{self, ImageError, ImageMeta};
 use crate::sandbox::process::Driver;
+use crate::sandbox::snapshot::{CopyError, SnapshotError};
 use crate::unix_now;
 
 #[derive(Deserialize)]
@@ -31,8 +32,14 @@ pub(super) struct ImageView {
     created_at: Option<String>,
     /// `null` for `host`.
     size_bytes: Option<u64>,
-    /// `"host"` or `"docker-save"`.
+    /// `"host"`, `"docker-save"`, `"oci"` or `"snapshot"`.
     source: String,
+    /// A snapshot's: the image it is built on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base: Option<String>,
+    /// A snapshot's: the credential that took it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
 }
 
 impl ImageView {
@@ -42,8 +49,32 @@ impl ImageView {
             created_at: Some(rfc3339(m.created_at)),
             size_bytes: Some(m.size_bytes),
             source: m.source.clone(),
+            base: m.base.clone(),
+            owner: m.owner.clone(),
         }
     }
+
+    fn host() -> ImageView {
+        ImageView {
+            name: image::HOST.into(),
+            created_at: None,
+            size_bytes: None,
+            source: "host".into(),
+            base: None,
+            owner: None,
+        }
+    }
+}
+
+/// Image `name` as `caller` may see it: 404 for a snapshot of someone else's.
+async fn visible(driver: &Driver, caller: &Caller, name: &str) -> Result<ImageMeta, HttpError> {
+    let images = std::sync::Arc::clone(driver.images());
+    let n = name.to_string();
+    tokio::task::spawn_blocking(move || images.get(&n))
+        .await
+        .map_err(|_| HttpError::internal())?
+        .filter(|m| m.visible_to(&caller.credential.id, caller.is_admin()))
+        .ok_or_else(|| HttpError::not_found("no such image"))
 }
 
 fn driver(gw: &Gateway) -> Result<&std::sync::Arc<Driver>, HttpError> {
@@ -165,6 +196,7 @@ pub(super) async fn import_image(
     if meta.skipped_devices > 0 {
         tracing::info!(image = %name, skipped = meta.skipped_devices, "device nodes and FIFOs of an image were skipped");
     }
+    gw.metrics.storage("image_import", meta.size_bytes);
     gw.audit(
         &caller.credential.id,
         "image.import",
@@ -193,14 +225,131 @@ pub(super) async fn list_images(
     let listed = tokio::task::spawn_blocking(move || images.list())
         .await
         .map_err(|_| HttpError::internal())?;
-    let mut items = vec![ImageView {
-        name: image::HOST.into(),
-        created_at: None,
-        size_bytes: None,
-        source: "host".into(),
-    }];
-    items.extend(listed.iter().map(ImageView::of));
+    let mut items = vec![ImageView::host()];
+    items.extend(
+        listed
+            .iter()
+            .filter(|m| m.visible_to(&caller.credential.id, caller.is_admin()))
+            .map(ImageView::of),
+    );
     Ok(Json(Items { items }))
+}
+
+/// `GET /v1/images/{name}`.
+pub(super) async fn get_image(
+    State(gw): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<ImageView>, HttpError> {
+    caller.require(Scope::SandboxesRead)?;
+    if name == image::HOST {
+        return Ok(Json(ImageView::host()));
+    }
+    let driver = driver(&gw)?;
+    Ok(Json(ImageView::of(&visible(driver, &caller, &name).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SnapshotBody {
+    name: String,
+}
+
+/// `POST /v1/sandboxes/{id}/snapshots {"name": N}`: a new image N made of the sandbox's
+/// changes over its image (see [`crate::sandbox::snapshot`]). The sandbox runs on.
+pub(super) async fn create_snapshot(
+    State(gw): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<SnapshotBody>,
+) -> Result<Response, HttpError> {
+    caller.require(Scope::SandboxesWrite)?;
+    if body.name == image::HOST || !image::valid_name(&body.name) {
+        return Err(HttpError::invalid_argument(
+            "name: a snapshot's name is an image name, 1 to 63 of a-z, 0-9 and - (not `host`)",
+        ));
+    }
+    let s = owned_sandbox(&gw, &caller, &id).await?;
+    let Some(driver) = gw.driver.clone().filter(|_| s.command.is_some()) else {
+        return Err(HttpError::invalid_argument(
+            "snapshots are of `command` sandboxes run by this gateway",
+        ));
+    };
+    if !s.status.is_live() {
+        return Err(HttpError::conflict(
+            "the sandbox has ended: snapshot a running one",
+        ));
+    }
+    if let Some(node) = s.node.as_deref().filter(|n| *n != driver.node()) {
+        return Err(HttpError::conflict(format!(
+            "the sandbox runs on node {node}, and a snapshot is an image of the node that runs it: send this request to that node"
+        )));
+    }
+    if driver.images().get(&body.name).is_some() {
+        return Err(HttpError::conflict(format!(
+            "an image named {} exists: delete it first, or pick another name",
+            body.name
+        )));
+    }
+    let max = gw.config.orchestrator.max_image_bytes.saturating_mul(4);
+    let meta = match driver
+        .snapshot(&s, &body.name, &caller.credential.id, max)
+        .await
+    {
+        Ok(meta) => meta,
+        Err(e) => return Err(snapshot_error(e)),
+    };
+    gw.metrics.storage("snapshot_create", meta.size_bytes);
+    gw.audit(
+        &caller.credential.id,
+        "snapshot.create",
+        &format!("{id} -> {} ({} bytes)", meta.name, meta.size_bytes),
+        caller.client_addr.clone(),
+    )
+    .await;
+    Ok(created(ImageView::of(&meta)))
+}
+
+fn snapshot_error(e: SnapshotError) -> HttpError {
+    match e {
+        SnapshotError::NotRunning => HttpError::conflict("the sandbox is not running"),
+        SnapshotError::NotIsolated => HttpError::conflict(e.to_string()),
+        SnapshotError::Copy(c) if c.is_no_space() => insufficient_storage(c.to_string()),
+        SnapshotError::Copy(
+            c @ (CopyError::TooLarge(_) | CopyError::TooMany(_) | CopyError::TooDeep),
+        ) => HttpError::invalid_argument(c.to_string()),
+        SnapshotError::Copy(c) => {
+            tracing::error!(error = %c, "cannot take a snapshot");
+            HttpError::unavailable(format!("cannot take the snapshot: {c}"))
+        }
+        SnapshotError::Image(ImageError::Exists(name)) => HttpError::conflict(format!(
+            "an image named {name} exists: delete it first, or pick another name"
+        )),
+        SnapshotError::Image(ImageError::Invalid(why)) => HttpError::conflict(why),
+        SnapshotError::Image(ImageError::Io(e)) if no_space(&e) => {
+            insufficient_storage(format!("cannot store the snapshot: {e}"))
+        }
+        SnapshotError::Image(ImageError::Io(e)) => {
+            tracing::error!(error = %e, "cannot store a snapshot");
+            HttpError::unavailable(format!("cannot store the snapshot: {e}"))
+        }
+    }
+}
+
+fn no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28) | Some(122))
+        || matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+}
+
+fn insufficient_storage(message: String) -> HttpError {
+    HttpError::new(
+        StatusCode::INSUFFICIENT_STORAGE,
+        "insufficient_storage",
+        message,
+    )
 }
 
 pub(super) async fn delete_image(
@@ -208,17 +357,26 @@ pub(super) async fn delete_image(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<StatusCode, HttpError> {
-    caller.require(Scope::Admin)?;
+    caller.require(Scope::SandboxesWrite)?;
     if name == image::HOST {
         return Err(HttpError::conflict(
             "`host` is the built-in image: it cannot be deleted",
         ));
     }
     let driver = driver(&gw)?;
-    {
+    let meta_is_snapshot = {
         let _held = driver.images().lock.write().await;
-        if driver.images().get(&name).is_none() {
-            return Err(HttpError::not_found("no such image"));
+        let meta = visible(driver, &caller, &name).await?;
+        // An imported image is the admins'; a snapshot also its owner's.
+        if !meta.is_snapshot() {
+            caller.require(Scope::Admin)?;
+        }
+        let dependents = driver.images().dependents(&name);
+        if !dependents.is_empty() {
+            return Err(HttpError::conflict(format!(
+                "snapshot {} is built on image {name}: delete the snapshot first",
+                dependents.join(", ")
+            )));
         }
         let users: Vec<String> = gw
             .store
@@ -240,10 +398,23 @@ pub(super) async fn delete_image(
             .await
             .map_err(|_| HttpError::internal())?
             .map_err(|e| HttpError::unavailable(format!("cannot delete the image: {e}")))?;
-    }
+        meta.is_snapshot()
+    };
+    gw.metrics.storage(
+        if meta_is_snapshot {
+            "snapshot_delete"
+        } else {
+            "image_delete"
+        },
+        0,
+    );
     gw.audit(
         &caller.credential.id,
-        "image.delete",
+        if meta_is_snapshot {
+            "snapshot.delete"
+        } else {
+            "image.delete"
+        },
         &name,
         caller.client_addr,
     )

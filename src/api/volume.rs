@@ -157,6 +157,7 @@ pub(super) async fn create_volume(
         gw.store.insert_volume(&record).await?;
         record
     };
+    gw.metrics.storage("volume_create", 0);
     gw.audit(
         &caller.credential.id,
         "volume.create",
@@ -255,6 +256,7 @@ pub(super) async fn delete_volume(
         }
         v
     };
+    gw.metrics.storage("volume_delete", 0);
     gw.audit(
         &caller.credential.id,
         "volume.delete",

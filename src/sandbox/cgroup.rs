@@ -785,6 +785,39 @@ impl SandboxCgroup {
         }
     }
 
+    /// Pauses every task (the freezer) for a consistent copy of the sandbox's files, waiting up
+    /// to `wait` for it to settle. Answers whether it is paused; [`SandboxCgroup::resume`]
+    /// undoes it either way.
+    pub fn pause(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        if let Some(dir) = &self.dirs.freezer {
+            let state = dir.join("freezer.state");
+            if write_file_allow_gone(&state, "FROZEN").is_err() {
+                return false;
+            }
+            return wait_until(deadline, || {
+                fs::read_to_string(&state)
+                    .map(|s| s.trim() == "FROZEN")
+                    .unwrap_or(true)
+            });
+        }
+        if let Some(dir) = &self.dirs.unified {
+            let freeze = dir.join("cgroup.freeze");
+            if freeze.exists() && write_file_allow_gone(&freeze, "1").is_ok() {
+                let events = dir.join("cgroup.events");
+                return wait_until(deadline, || keyed(&events, "frozen").is_none_or(|f| f == 1));
+            }
+        }
+        false
+    }
+
+    /// Undoes [`SandboxCgroup::pause`].
+    pub fn resume(&self) {
+        if let Err(e) = self.thaw() {
+            tracing::error!(cgroup = %self.id, error = %e, "cannot thaw a paused sandbox");
+        }
+    }
+
     /// Freezes the cgroup where a freezer exists and waits (briefly) for it to settle. Answers
     /// whether a freezer was asked, so the caller thaws it.
     fn freeze(&self, deadline: Instant) -> Result<bool, CgroupError> {

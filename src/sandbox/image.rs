@@ -28,12 +28,12 @@ use serde::{Deserialize, Serialize};
 pub const HOST: &str = "host";
 
 /// Most entries (files, folders, links) one image may hold, across its layers.
-const MAX_ENTRIES: u64 = 2_000_000;
+pub const MAX_ENTRIES: u64 = 2_000_000;
 /// Largest `manifest.json` or image config read.
 const MAX_JSON: u64 = 4 * 1024 * 1024;
 
 /// What `image.json` holds: the image's record, read at list time.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ImageMeta {
     pub name: String,
     /// Unix seconds.
@@ -54,9 +54,31 @@ pub struct ImageMeta {
     /// Device nodes and FIFOs in its layers, skipped.
     #[serde(default)]
     pub skipped_devices: u64,
+    /// A snapshot's ([`crate::sandbox::snapshot`]): the image it is built on, `host` or an
+    /// imported image. `None` for an imported image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// A snapshot's: the credential that took it. Only it and admins see and use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// A snapshot's: the host uid (and gid) its sandbox's files belonged to, which becomes
+    /// the uid of each sandbox started from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 impl ImageMeta {
+    /// Whether it is a snapshot (made of a sandbox's changes over `base`).
+    pub fn is_snapshot(&self) -> bool {
+        self.base.is_some()
+    }
+
+    /// Whether credential `who` may see and use it: an imported image is everyone's, a
+    /// snapshot its owner's (admins see all).
+    pub fn visible_to(&self, who: &str, admin: bool) -> bool {
+        admin || self.owner.as_deref().is_none_or(|owner| owner == who)
+    }
+
     /// The command a sandbox without `command` runs: `Entrypoint`, then `Cmd`.
     pub fn command(&self) -> Vec<String> {
         self.entrypoint.iter().chain(&self.cmd).cloned().collect()
@@ -160,6 +182,56 @@ impl Images {
         self.dir.join(name).join("rootfs")
     }
 
+    /// A snapshot's copy of its sandbox's overlay layer.
+    pub fn layer(&self, name: &str) -> PathBuf {
+        self.dir.join(name).join("layer")
+    }
+
+    /// A snapshot's copy of its sandbox's `/workspace`.
+    pub fn workspace(&self, name: &str) -> PathBuf {
+        self.dir.join(name).join("workspace")
+    }
+
+    /// A new folder under `.incoming/` (root's alone) to build an image in before
+    /// [`Images::commit`]; what a crash leaves there is removed at the next start.
+    pub fn staging(&self) -> io::Result<PathBuf> {
+        self.init_incoming()?;
+        let staging = self.incoming().join(crate::sandbox::new_id());
+        std::fs::create_dir(&staging)?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))?;
+        Ok(staging)
+    }
+
+    /// Writes `meta` into `staging` and renames it into place as image `meta.name`: from then
+    /// on it is listed, whole. On failure `staging` is left for the caller to remove.
+    pub fn commit(&self, staging: &Path, meta: &ImageMeta) -> Result<(), ImageError> {
+        let json =
+            serde_json::to_vec_pretty(meta).map_err(|e| ImageError::Io(io::Error::other(e)))?;
+        std::fs::write(staging.join("image.json"), json)?;
+        let target = self.dir.join(&meta.name);
+        if std::fs::symlink_metadata(&target).is_ok() {
+            return Err(ImageError::Exists(meta.name.clone()));
+        }
+        std::fs::rename(staging, &target)?;
+        Ok(())
+    }
+
+    /// The snapshots built on image `name`.
+    pub fn dependents(&self, name: &str) -> Vec<String> {
+        self.list()
+            .into_iter()
+            .filter(|m| m.base.as_deref() == Some(name))
+            .map(|m| m.name)
+            .collect()
+    }
+
+    /// Removes a folder made by [`Images::staging`].
+    pub fn discard(&self, staging: &Path) {
+        if let Err(e) = remove_any(staging) {
+            tracing::warn!(path = %staging.display(), error = %e, "cannot remove a staging folder; the next start will");
+        }
+    }
+
     /// Image `name`, when it is complete.
     pub fn get(&self, name: &str) -> Option<ImageMeta> {
         if !valid_name(name) {
@@ -191,10 +263,7 @@ impl Images {
         max_unpacked: u64,
         now: i64,
     ) -> Result<ImageMeta, ImageError> {
-        self.init_incoming()?;
-        let staging = self.incoming().join(crate::sandbox::new_id());
-        std::fs::create_dir(&staging)?;
-        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))?;
+        let staging = self.staging()?;
         let made = (|| {
             let rootfs = staging.join("rootfs");
             std::fs::create_dir(&rootfs)?;
@@ -202,19 +271,11 @@ impl Images {
             let mut meta = unpack_docker_save(archive, &rootfs, max_unpacked)?;
             meta.name = name.to_string();
             meta.created_at = now;
-            std::fs::write(
-                staging.join("image.json"),
-                serde_json::to_vec_pretty(&meta).expect("image metadata serializes"),
-            )?;
-            let target = self.dir.join(name);
-            if std::fs::symlink_metadata(&target).is_ok() {
-                return Err(ImageError::Exists(name.to_string()));
-            }
-            std::fs::rename(&staging, &target)?;
+            self.commit(&staging, &meta)?;
             Ok(meta)
         })();
         if made.is_err() {
-            let _ = remove_any(&staging);
+            self.discard(&staging);
         }
         made
     }
@@ -394,6 +455,9 @@ fn unpack_docker_save(
         cmd: run.cmd.unwrap_or_default(),
         entrypoint: run.entrypoint.unwrap_or_default(),
         skipped_devices: state.skipped_devices,
+        base: None,
+        owner: None,
+        uid: None,
     })
 }
 
@@ -686,6 +750,9 @@ mod tests {
             cmd: vec!["-p".into(), "80".into()],
             entrypoint: vec!["/bin/srv".into()],
             skipped_devices: 0,
+            base: None,
+            owner: None,
+            uid: None,
         };
         assert_eq!(meta.command(), vec!["/bin/srv", "-p", "80"]);
         let env = meta.env_map();

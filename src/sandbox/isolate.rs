@@ -240,6 +240,19 @@ impl std::fmt::Debug for Jail {
     }
 }
 
+/// A paused sandbox: thawed when dropped.
+pub struct Paused<'a> {
+    jail: &'a Jail,
+    /// Whether the freeze settled (false: no freezer here, or a task held it off).
+    pub paused: bool,
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.jail.cgroup(SandboxCgroup::resume);
+    }
+}
+
 /// How long the launcher may take to build a sandbox before it counts as failed.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -445,6 +458,20 @@ impl Jail {
             }
         }
         true
+    }
+
+    /// `<data_dir>/sandboxes/<id>`: its `workspace/` and, for an image, its overlay layer in
+    /// `upper/data`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Pauses every task of the sandbox (see [`SandboxCgroup::pause`]) until the guard drops.
+    pub fn pause(&self) -> Paused<'_> {
+        let paused = self
+            .cgroup(|c| c.pause(Duration::from_secs(2)))
+            .unwrap_or(false);
+        Paused { jail: self, paused }
     }
 
     fn cgroup<T>(&self, f: impl FnOnce(&SandboxCgroup) -> T) -> Option<T> {

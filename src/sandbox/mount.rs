@@ -367,7 +367,12 @@ fn image_root(
             continue;
         }
         let mine = upper.join(&name);
-        std::fs::create_dir(&mine)?;
+        match std::fs::create_dir(&mine) {
+            Ok(()) => {}
+            // Planted from a snapshot: already the sandbox's (or a whiteout, kept).
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
         chown(&mine, Some(spec.uid), Some(spec.gid))?;
         std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(meta.mode() & 0o1777))?;
     }

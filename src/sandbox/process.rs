@@ -545,17 +545,7 @@ impl Driver {
             Some(_) => Some(self.images.lock.read().await),
             None => None,
         };
-        let image = match &record.process.image {
-            Some(name) => {
-                if self.images.get(name).is_none() {
-                    return Err(DriverError::VolumeInvalid(format!(
-                        "no image `{name}`: import it first with POST /v1/images?name={name}"
-                    )));
-                }
-                Some((self.images.rootfs(name), working_dir(&record)))
-            }
-            None => None,
-        };
+        let (image, seed) = self.image_root(&record)?;
         let jail = {
             let iso = Arc::clone(iso);
             let id = record.id.clone();
@@ -567,6 +557,36 @@ impl Driver {
         };
         let jail = Arc::new(jail);
         record.process.uid = Some(jail.uid);
+        if let Some(seed) = seed {
+            // A snapshot's files, copied in before anything of the sandbox runs.
+            let (dir, uid, root) = (jail.dir().to_path_buf(), jail.uid, image.is_some());
+            let workspace = !record
+                .process
+                .volumes
+                .iter()
+                .any(|v| v.path == "/workspace");
+            let planted =
+                tokio::task::spawn_blocking(move || seed.plant(&dir, uid, root, workspace)).await;
+            let failed = match planted {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(std::io::Error::new(
+                    if e.is_no_space() {
+                        std::io::ErrorKind::StorageFull
+                    } else {
+                        std::io::ErrorKind::Other
+                    },
+                    format!("cannot copy the snapshot's files into the sandbox: {e}"),
+                )),
+                Err(_) => Some(std::io::Error::other(
+                    "copying the snapshot's files panicked",
+                )),
+            };
+            if let Some(e) = failed {
+                tracing::error!(sandbox = %record.id, error = %e, "cannot start from a snapshot");
+                jail.release().await;
+                return Err(DriverError::Dir(e));
+            }
+        }
         let ports: BTreeMap<u16, u16> = record.ports.iter().map(|&p| (p, p)).collect();
         let env = isolated_env(&record, &record.env, &self.cfg.pass_env);
         if egress {
@@ -625,6 +645,49 @@ impl Driver {
         let pumps = pump_output(&mut child, &log);
         self.run_supervisor(&record, child, Some(jail), Vec::new(), ports, pumps);
         Ok(record)
+    }
+
+    /// The root a sandbox starts from: its image's tree and its working folder (`None`: the
+    /// `host` image), and for a snapshot, the files to copy in first.
+    #[allow(clippy::type_complexity)]
+    fn image_root(
+        &self,
+        record: &SandboxRecord,
+    ) -> Result<
+        (
+            Option<(PathBuf, PathBuf)>,
+            Option<crate::sandbox::snapshot::Seed>,
+        ),
+        DriverError,
+    > {
+        use crate::sandbox::image::HOST;
+        let Some(name) = record.process.image.as_deref() else {
+            return Ok((None, None));
+        };
+        let missing = |name: &str| {
+            DriverError::VolumeInvalid(format!(
+                "no image `{name}`: import it first with POST /v1/images?name={name}"
+            ))
+        };
+        let meta = self.images.get(name).ok_or_else(|| missing(name))?;
+        let Some(base) = meta.base.as_deref() else {
+            return Ok((Some((self.images.rootfs(name), working_dir(record))), None));
+        };
+        let seed = crate::sandbox::snapshot::Seed {
+            layer: self.images.layer(name),
+            workspace: self.images.workspace(name),
+            uid: meta.uid.unwrap_or(u32::MAX),
+        };
+        if base == HOST {
+            return Ok((None, Some(seed)));
+        }
+        if self.images.get(base).is_none() {
+            return Err(missing(base));
+        }
+        Ok((
+            Some((self.images.rootfs(base), working_dir(record))),
+            Some(seed),
+        ))
     }
 
     /// A plain host process group (`isolation = "none"`): published ports map to host ports.
@@ -1162,6 +1225,129 @@ impl Driver {
             (Isolation::Namespaces(_), None) => Err(DriverError::NotRunning),
             _ => Err(DriverError::NotIsolated),
         }
+    }
+
+    /// Takes a snapshot of running sandbox `record` as image `name`, owned by credential
+    /// `owner`: its overlay layer and `/workspace` copied while it is paused (see
+    /// [`crate::sandbox::snapshot`]), at most `max_bytes` of files. The sandbox runs on.
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        record: &SandboxRecord,
+        name: &str,
+        owner: &str,
+        max_bytes: u64,
+    ) -> Result<crate::sandbox::image::ImageMeta, crate::sandbox::snapshot::SnapshotError> {
+        use crate::sandbox::image::{ImageError, ImageMeta, HOST};
+        use crate::sandbox::snapshot::{
+            copy_tree, Budget, CopySpec, Owners, SnapshotError, Tally, NOT_IN_LAYER,
+        };
+        let jail = match (
+            &self.isolation,
+            self.running.get(&record.id).and_then(|r| r.jail.clone()),
+        ) {
+            (Isolation::Namespaces(_), Some(jail)) => jail,
+            (Isolation::Namespaces(_), None) => return Err(SnapshotError::NotRunning),
+            _ => return Err(SnapshotError::NotIsolated),
+        };
+        let _busy = self.file_op(&record.id);
+        // The image under the sandbox's layer: a snapshot's own base when it started from one
+        // (its files are all in the sandbox's layer now).
+        let running_image = match record.process.image.as_deref() {
+            None | Some(HOST) => None,
+            Some(image) => Some(self.images.get(image).ok_or_else(|| {
+                ImageError::Invalid(format!("the sandbox's image {image} is gone"))
+            })?),
+        };
+        let base = running_image.as_ref().map_or_else(
+            || HOST.to_string(),
+            |m| m.base.clone().unwrap_or_else(|| m.name.clone()),
+        );
+        let own_workspace = !record
+            .process
+            .volumes
+            .iter()
+            .any(|v| v.path == "/workspace");
+        let budget = Budget {
+            max_bytes,
+            max_entries: crate::sandbox::image::MAX_ENTRIES,
+        };
+        let started = std::time::Instant::now();
+        let (images, copying) = (Arc::clone(&self.images), Arc::clone(&jail));
+        let has_root = base != HOST;
+        let copied = tokio::task::spawn_blocking(move || {
+            let staging = images.staging().map_err(ImageError::Io)?;
+            let made = (|| -> Result<Tally, SnapshotError> {
+                let owners = Owners {
+                    from: copying.uid,
+                    to: copying.uid,
+                };
+                let mut tally = Tally::default();
+                let paused = copying.pause();
+                if !paused.paused {
+                    tracing::warn!(sandbox = %copying.id, "the sandbox could not be paused; its snapshot is taken while it runs");
+                }
+                let layer = copying.dir().join("upper").join("data");
+                if has_root && layer.is_dir() {
+                    let spec = CopySpec {
+                        owners,
+                        skip: NOT_IN_LAYER,
+                        overlay: true,
+                        budget,
+                    };
+                    copy_tree(&layer, &staging.join("layer"), &spec, &mut tally)?;
+                }
+                if own_workspace {
+                    let spec = CopySpec {
+                        owners,
+                        skip: &[],
+                        overlay: false,
+                        budget,
+                    };
+                    let workspace = copying.dir().join("workspace");
+                    copy_tree(&workspace, &staging.join("workspace"), &spec, &mut tally)?;
+                }
+                Ok(tally)
+            })();
+            match made {
+                Ok(tally) => Ok((staging, tally)),
+                Err(e) => {
+                    images.discard(&staging);
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(|_| ImageError::Io(std::io::Error::other("the snapshot copy panicked")))??;
+        let (staging, tally) = copied;
+        let from = running_image.unwrap_or_default();
+        let meta = ImageMeta {
+            name: name.to_string(),
+            created_at: unix_now(),
+            size_bytes: tally.bytes,
+            source: "snapshot".into(),
+            env: from.env,
+            working_dir: from.working_dir,
+            cmd: from.cmd,
+            entrypoint: from.entrypoint,
+            skipped_devices: tally.skipped,
+            base: Some(base),
+            owner: Some(owner.to_string()),
+            uid: Some(jail.uid),
+        };
+        let committed = {
+            let _held = self.images.lock.write().await;
+            let images = Arc::clone(&self.images);
+            let (meta, staging) = (meta.clone(), staging.clone());
+            tokio::task::spawn_blocking(move || images.commit(&staging, &meta))
+                .await
+                .map_err(|_| ImageError::Io(std::io::Error::other("the snapshot commit panicked")))
+        };
+        if let Err(e) = committed.and_then(|r| r) {
+            self.images.discard(&staging);
+            return Err(e.into());
+        }
+        tracing::info!(sandbox = %record.id, snapshot = %name, bytes = tally.bytes, entries = tally.entries, ms = started.elapsed().as_millis() as u64, "snapshot taken");
+        Ok(meta)
     }
 
     /// `prlimit <limits> -- <command>` in its own process group, with the sandbox's
