@@ -254,7 +254,7 @@ elif verb in ("snapshot", "probe"):
     elif st != 201:
         sys.exit(f"POST /v1/sandboxes/{sid}/snapshots: {st} {data[:300]!r}")
     else:
-        print(f"{st} {ms:.3f}")
+        print(f"{st} {ms:.3f} {json.loads(data).get('size_bytes')}")
 PY
 apy() { python3 "$state/api.py" "$1" "$URL" "$KEY" "$state/tls/ca.pem" "${@:2}"; }
 
@@ -320,7 +320,8 @@ step_files() {
   log "files: sandbox $sb"
   for s in "${SIZES[@]}"; do
     log "making a $s MiB file (base64 of random bytes)"
-    head -c $((s * MIB)) /dev/urandom | base64 -w0 | head -c $((s * MIB)) >"$in/big-$s"
+    head -c $((s * MIB / 4 * 3)) /dev/urandom | base64 -w0 >"$in/big-$s" # exactly s MiB
+    (($(stat -c %s "$in/big-$s") == s * MIB)) || die "the $s MiB file came out $(stat -c %s "$in/big-$s") bytes"
   done
   local q="$URL/v1/sandboxes/$sb"
   local auth=(-sS --cacert "$state/tls/ca.pem" -H "Authorization: Bearer $KEY")
@@ -371,13 +372,14 @@ step_files() {
 
 # ---------------------------------------------------------------- 3. snapshots
 step_snapshots() {
-  local src probe st base r s place path t0 t1 ms snap from id n sb_body out
+  local src probe st base r s place path ms size snap from id n sb_body out
   log "importing the base image for snapshots"
   python3 "$state/mkimage.py" "$in/base.tar" 0 || die "could not build the base archive"
   curl -sS --fail-with-body --cacert "$state/tls/ca.pem" -H "Authorization: Bearer $KEY" \
     -H "Content-Type: application/x-tar" -X POST -T "$in/base.tar" -o /dev/null \
     "$URL/v1/images?name=sbase" || fail "importing the base image"
-  base='{"image": "sbase", "ports": [8000]}'
+  local cmd='"command": ["/bin/busybox", "httpd", "-f", "-p", "8000"], "ports": [8000]'
+  base="{\"image\": \"sbase\", $cmd}"
   read -r _ src < <(apy start "$base") || fail "a sandbox of the base image did not start"
   probe=$(apy probe "$src" sprobe) || fail "the snapshot probe"
   st=${probe%% *}
@@ -406,9 +408,10 @@ step_snapshots() {
         fi
         snap="snap-$place-$s-$r"
         sync
-        read -r _ ms < <(apy snapshot "$src" "$snap") || fail "POST /snapshots"
+        read -r _ ms size < <(apy snapshot "$src" "$snap") || fail "POST /snapshots"
         sample "snap_$place" "$r" "$s" "$(python3 -c "print($ms / 1e3)")"
-        sb_body="{\"image\": \"$snap\", \"ports\": [8000]}"
+        sample "snap_bytes_$place" "$r" "$s" "$size"
+        sb_body="{\"image\": \"$snap\", $cmd}"
         for first in snap base; do
           if [[ $first == $(lead snap base) ]]; then
             sync
@@ -514,11 +517,11 @@ lines += ["", "## 1. Image import (MiB/s of the archive)", "",
 rows = []
 for s in sizes:
     m = arch_mib(s)
-    for peer, what in (("cp_untar", "`cp` + `tar -xOf … layer0/layer.tar | tar -x`"),
+    for peer, what in (("cp_untar", "`cp` + `tar -xOf … layer0/layer.tar \\| tar -x`"),
                        ("untar", "`tar -xf layer.tar` (the raw unpack)"),
                        ("cp", "`cp archive` (write)"),
                        ("cat", "`cat archive >/dev/null` (read)")):
-        rows.append(rate_row(f"{m:.0f} MiB archive: import vs {what}", "import", peer, s, m))
+        rows.append(rate_row(f"{s} MiB filler ({m:.0f} MiB archive): import vs {what}", "import", peer, s, m))
 table(("measurement", "import MiB/s", "peer MiB/s", "import / peer"), rows, "{:,.0f}")
 
 lines += ["", "## 2. Files (MiB/s)", "",
@@ -541,7 +544,8 @@ else:
     lines += ["S MiB of random bytes written in a sandbox of a busybox image (at `/workspace/x`, "
               "or `/opt/x` in its root), then `POST …/snapshots` timed; then create → running "
               "(polled every 5 ms) of a sandbox of the snapshot against one of the base image, "
-              "in the same round. Ratios are times: snapshot start / base start."]
+              "in the same round. Ratios are times: snapshot start / base start. The image size is the "
+              "201 answer's `size_bytes`."]
     rows = []
     for place, where in (("workspace", "/workspace/x"), ("root", "/opt/x")):
         snap, ss, sb = samples(f"snap_{place}"), samples(f"start_snap_{place}"), samples(f"start_base_{place}")
@@ -551,7 +555,10 @@ else:
             ks = [k for k in snap if k[1] == s]
             label = f"{s} MiB at {where}" if s else "nothing written"
             t_snap = median([snap[k] * 1e3 for k in ks])
-            rows.append((f"{label}: snapshot", t_snap, None, None, []))
+            sizes_b = samples(f"snap_bytes_{place}")
+            kb = median([sizes_b[k] for k in ks if k in sizes_b])
+            rows.append((f"{label}: snapshot" + (f" (its image: {kb / MIB:.1f} MiB)" if kb is not None else ""),
+                         t_snap, None, None, []))
             ratios = [ss[k] / sb[k] for k in ks if k in ss and k in sb]
             rows.append((f"{label}: start from snapshot vs from base",
                          median([ss[k] * 1e3 for k in ks if k in ss]),
