@@ -341,6 +341,8 @@ fn write_file(
 
 /// Copies framed content (see the module's doc) from `input` to `file` until the end frame.
 fn copy_frames(input: &mut std::fs::File, file: &mut std::fs::File) -> std::io::Result<u64> {
+    // The frames are small (a TLS record's worth): read them from the pipe in big gulps.
+    let mut input = std::io::BufReader::with_capacity(4 * CHUNK, input);
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
@@ -615,6 +617,8 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
+    // Frames are as small as the client's TLS records: batch them into the pipe.
+    let mut stdin = tokio::io::BufWriter::with_capacity(4 * CHUNK, stdin);
     let mut total = 0u64;
     loop {
         let chunk = match tokio::time::timeout(limits.chunk_timeout, body.next()).await {
