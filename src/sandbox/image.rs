@@ -1452,7 +1452,7 @@ mod tests {
         let layer = blobs.0.iter_mut().find(|(_, b)| b.len() > 1000).unwrap();
         let at = layer.1.windows(4).position(|w| w == b"good").unwrap();
         layer.1[at..at + 4].copy_from_slice(b"evil");
-        let msg = message(unpack(&blobs.layout(index_of(&[m.clone()])), 1 << 20).0);
+        let msg = message(unpack(&blobs.layout(index_of(std::slice::from_ref(&m))), 1 << 20).0);
         assert!(msg.contains("layer 1 does not match its digest"), "{msg}");
 
         // A manifest altered: refused before any layer.
@@ -1535,7 +1535,7 @@ mod tests {
         let zstd = vec![0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0];
         let msg = message(
             unpack(
-                &docker_save(&[zstd.clone()], serde_json::json!({})),
+                &docker_save(std::slice::from_ref(&zstd), serde_json::json!({})),
                 1 << 20,
             )
             .0,
