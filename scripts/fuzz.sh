@@ -19,10 +19,13 @@ triple=$(rustc -vV | sed -n 's/^host: //p')
 cargo build --release --locked --bins --target "$triple"
 bindir="target/$triple/release"
 status=0
-for target in token_verify host_route cookie_query; do
+for target in token_verify host_route cookie_query image_tar; do
   mkdir -p "corpus/$target" "artifacts/$target"
   # Inputs that once crashed a target are kept in regressions/ and replayed every run.
+  # Hand-made starting inputs (seeds/: a few valid archives, where random bytes rarely make
+  # one) join them.
   seeds=(); [ -d "regressions/$target" ] && seeds=("regressions/$target")
+  [ -d "seeds/$target" ] && seeds+=("seeds/$target")
   echo "=== fuzz $target for ${secs}s"
   if ! "$bindir/$target" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
       -artifact_prefix="artifacts/$target/" -print_final_stats=1 "corpus/$target" "${seeds[@]}" 2>"artifacts/$target.log"; then

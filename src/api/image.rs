@@ -1,6 +1,9 @@
-//! `/v1/images`: root filesystems imported from `docker save` archives (see
-//! [`crate::sandbox::image`]). Importing and deleting take scope `admin`; listing
-//! `sandboxes:read`. The list always starts with the built-in `host` image.
+//! `/v1/images`: root filesystems imported from `docker save`, `podman save` and OCI layout
+//! archives (see [`crate::sandbox::image`]), and snapshots of sandboxes
+//! ([`crate::sandbox::snapshot`]). Importing and deleting an imported image take scope
+//! `admin`; a snapshot is taken with `sandboxes:write` and is its owner's (to see, use and
+//! delete) and the admins'; listing takes `sandboxes:read`. The list always starts with the
+//! built-in `host` image.
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
