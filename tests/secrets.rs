@@ -37,6 +37,15 @@ struct Serve {
 impl Serve {
     /// `store` is extra `[store]` lines (a PostgreSQL URL) and `kek` the cluster's key.
     async fn start(store: &str, cluster: &str, kek: Option<&str>) -> Serve {
+        Serve::start_isolated(store, cluster, kek, "namespaces").await
+    }
+
+    async fn start_isolated(
+        store: &str,
+        cluster: &str,
+        kek: Option<&str>,
+        isolation: &str,
+    ) -> Serve {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = dir.path().join("sandgate.toml");
@@ -47,7 +56,7 @@ impl Serve {
                  shutdown_grace_secs = 1\n\
                  [telemetry]\nlisten = \"127.0.0.1:{}\"\nlog_level = \"debug\"\naccess_log = true\n\
                  [store]\ndata_dir = \"data\"\n{store}\n{cluster}\n\
-                 [orchestrator]\nisolation = \"namespaces\"\n",
+                 [orchestrator]\nisolation = \"{isolation}\"\n",
                 free_port()
             ),
         )
@@ -492,5 +501,36 @@ async fn the_cli_sets_secrets_from_flags_and_a_file() {
     assert!(stderr.contains("line 1"), "{stderr}");
     assert_no_secret("a CLI refusal", &format!("{stdout}{stderr}"));
     let (log, _dir) = serve.stop().await;
+    assert_no_secret("the gateway's log", &log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_host_sandboxes_get_their_secrets_too() {
+    let serve = Serve::start_isolated("", "", None, "none").await;
+    let (status, created) = serve
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({
+                "command": ["sh", "-c", "printf %s \"$SECRET\" > seen; exec python3 -m http.server $PORT"],
+                "ports": [8000],
+                "secret_env": {"SECRET": SECRET},
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_no_secret("the create answer", &created.to_string());
+    let id = created["id"].as_str().unwrap().to_string();
+    let view = wait_running(&serve, &id).await;
+    assert_eq!(view["isolation"], "none", "{view}");
+    assert_eq!(view["secret_env_keys"], json!(["SECRET"]));
+    let out = serve.exec(&id, &["cat", "seen"], json!({})).await;
+    assert_eq!(out["stdout"], SECRET, "the command saw it: {out}");
+    let out = serve
+        .exec(&id, &["sh", "-c", "printf %s \"$SECRET\""], json!({}))
+        .await;
+    assert_eq!(out["stdout"], SECRET, "an exec sees it: {out}");
+    let (log, _dir) = serve.stop().await;
+    assert!(log.contains(&id), "{log}");
     assert_no_secret("the gateway's log", &log);
 }
