@@ -120,6 +120,7 @@ fn record(id: String, port: u16) -> SandboxRecord {
         process: Default::default(),
         name: None,
         tags: BTreeMap::new(),
+        secret_env: BTreeMap::new(),
     }
 }
 

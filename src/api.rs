@@ -487,6 +487,10 @@ struct CreateSandbox {
     ports: Vec<u16>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// Like `env`, but never shown (only its keys), logged or audited; see
+    /// [`SandboxRecord::secret_env`].
+    #[serde(default, deserialize_with = "secret_env_field")]
+    secret_env: BTreeMap<String, String>,
     timeout_secs: Option<i64>,
     #[serde(default)]
     cors_origins: Vec<String>,
@@ -556,6 +560,17 @@ fn tags_field<'de, D: serde::Deserializer<'de>>(
     })
 }
 
+/// `secret_env` of the wrong JSON shape: a message naming the field and nothing it held.
+fn secret_env_field<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    BTreeMap::<String, String>::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "secret_env must be an object whose values are strings (such as `API_KEY`: `...`)",
+        )
+    })
+}
+
 fn some_tags_field<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<BTreeMap<String, String>>, D::Error> {
@@ -599,6 +614,8 @@ struct SandboxView {
     /// The imported image it started from; left out for `host`.
     #[serde(skip_serializing_if = "Option::is_none")]
     image: Option<String>,
+    /// The names in `secret_env`, sorted; its values are never shown.
+    secret_env_keys: Vec<String>,
 }
 
 impl SandboxView {
@@ -621,6 +638,7 @@ impl SandboxView {
             name: s.name.clone(),
             tags: s.tags.clone(),
             image: s.process.image.clone(),
+            secret_env_keys: s.secret_env.keys().cloned().collect(),
         }
     }
 }
@@ -781,21 +799,12 @@ async fn create_sandbox(
             Some(validate_upstream(u)?)
         }
     };
-    for (key, value) in &body.env {
-        let valid = !key.is_empty()
-            && !key.starts_with(|c: char| c.is_ascii_digit())
-            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && !value.contains('\0');
-        if !valid {
-            return Err(HttpError::invalid_argument(
-                "env keys must be names like API_URL and values may not contain NUL",
-            ));
-        }
-        if key == "PORT" || key.starts_with("PORT_") || key.starts_with("SANDGATE_") {
-            return Err(HttpError::invalid_argument(
-                "env may not set PORT, PORT_<n> or SANDGATE_*: the gateway sets them",
-            ));
-        }
+    check_env("env", &body.env)?;
+    check_env("secret_env", &body.secret_env)?;
+    if let Some(key) = body.secret_env.keys().find(|k| body.env.contains_key(*k)) {
+        return Err(HttpError::invalid_argument(format!(
+            "{key} is in both env and secret_env: set it in one"
+        )));
     }
     if body.ports.is_empty() || body.ports.len() > 64 {
         return Err(HttpError::invalid_argument("ports must list 1 to 64 ports"));
@@ -824,6 +833,11 @@ async fn create_sandbox(
     if upstream.is_some() && !body.env.is_empty() {
         return Err(HttpError::invalid_argument(
             "`env` applies to `command` sandboxes only",
+        ));
+    }
+    if upstream.is_some() && !body.secret_env.is_empty() {
+        return Err(HttpError::invalid_argument(
+            "`secret_env` applies to `command` sandboxes only",
         ));
     }
     let egress = match &body.egress {
@@ -885,6 +899,7 @@ async fn create_sandbox(
         process: Default::default(),
         name: body.name,
         tags: body.tags,
+        secret_env: body.secret_env,
     };
     if let (Some(driver), Some(_)) = (&gw.driver, &record.command) {
         if gw.config.store.url.is_some() {
@@ -961,6 +976,29 @@ async fn create_sandbox(
     )
     .await;
     Ok(created(SandboxView::of(&record)))
+}
+
+/// `env` and `secret_env` on creation: names like `API_URL` (not the gateway's own `PORT`,
+/// `PORT_<n>` and `SANDGATE_*`) and values without NUL. A message names the field and the key
+/// (never a value: a key is not secret, a value may be).
+fn check_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), HttpError> {
+    for (key, value) in env {
+        let valid = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !value.contains('\0');
+        if !valid {
+            return Err(HttpError::invalid_argument(format!(
+                "{field} keys must be names like API_URL and values may not contain NUL"
+            )));
+        }
+        if key == "PORT" || key.starts_with("PORT_") || key.starts_with("SANDGATE_") {
+            return Err(HttpError::invalid_argument(format!(
+                "{field} may not set PORT, PORT_<n> or SANDGATE_*: the gateway sets them"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `volumes` on creation: at most [`crate::sandbox::volume::MAX_MOUNTS`], each a volume name, a

@@ -210,6 +210,16 @@ enum SandboxCommand {
         /// Environment for the command, KEY=VALUE (repeat).
         #[arg(long = "env", value_parser = parse_env)]
         env: Vec<(String, String)>,
+        /// Secret environment for the command (and every exec), KEY=VALUE (repeat): never
+        /// shown back, logged or audited. The value is in your shell history and `ps`; prefer
+        /// --secret-env-file.
+        // Checked in `secret_env_map`, not by clap, whose refusal would repeat the value.
+        #[arg(long = "secret-env", value_name = "KEY=VALUE")]
+        secret_env: Vec<String>,
+        /// A file of secret KEY=VALUE lines (blank lines and `#` comments skipped), as
+        /// --secret-env but out of your shell history and `ps`.
+        #[arg(long = "secret-env-file")]
+        secret_env_file: Option<std::path::PathBuf>,
         /// Address-space limit per process, MiB.
         #[arg(long)]
         memory_mb: Option<u64>,
@@ -717,6 +727,8 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
             upstream,
             command,
             env,
+            secret_env,
+            secret_env_file,
             memory_mb,
             cpu_secs,
             max_processes,
@@ -751,6 +763,10 @@ async fn sandbox_command(api: ApiArgs, command: SandboxCommand) -> anyhow::Resul
                         .iter()
                         .cloned()
                         .collect::<std::collections::BTreeMap<_, _>>());
+                    let secrets = secret_env_map(secret_env, secret_env_file.as_deref())?;
+                    if !secrets.is_empty() {
+                        body["secret_env"] = json!(secrets);
+                    }
                     for (key, v) in [
                         ("memory_mb", memory_mb),
                         ("cpu_secs", cpu_secs),
@@ -1516,6 +1532,47 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
         .filter(|(k, _)| !k.is_empty())
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
+}
+
+/// `--secret-env KEY=VALUE`; a mistake's message never repeats the value.
+fn parse_secret_env(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| "--secret-env takes KEY=VALUE".to_string())
+}
+
+/// `--secret-env` and the lines of `--secret-env-file` as the API's `secret_env` object. A key
+/// given twice is a mistake; messages name keys and line numbers, never a value.
+fn secret_env_map(
+    given: &[String],
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut pairs = given
+        .iter()
+        .map(|text| parse_secret_env(text).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --secret-env-file {}", path.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim_start();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let pair = parse_secret_env(line)
+                .map_err(|_| anyhow::anyhow!("{} line {}: not KEY=VALUE", path.display(), n + 1))?;
+            pairs.push(pair);
+        }
+    }
+    let mut map = std::collections::BTreeMap::new();
+    for (k, v) in pairs {
+        if map.contains_key(&k) {
+            bail!("secret env {k} is given twice");
+        }
+        map.insert(k, v);
+    }
+    Ok(map)
 }
 
 fn parse_tag(text: &str) -> Result<(String, String), String> {

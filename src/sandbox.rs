@@ -352,6 +352,7 @@ mod tests {
             process: Default::default(),
             name: None,
             tags: BTreeMap::new(),
+            secret_env: BTreeMap::new(),
         }
     }
 

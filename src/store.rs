@@ -167,8 +167,8 @@ impl fmt::Display for SandboxStatus {
     }
 }
 
-/// A sandbox as stored. `Debug` prints `env` keys but not values, since environments routinely
-/// carry API keys for the code inside.
+/// A sandbox as stored. `Debug` prints `env` and `secret_env` keys but never their values, since
+/// environments routinely carry API keys for the code inside.
 #[derive(Clone, PartialEq)]
 pub struct SandboxRecord {
     /// DNS-label-safe, unguessable id (lowercase alphanumerics, ≥ 20 chars).
@@ -212,6 +212,11 @@ pub struct SandboxRecord {
     /// The caller's labels to find sandboxes by. Only [`Store::set_sandbox_tags`] changes them,
     /// so that a status update racing a PATCH cannot write old tags back.
     pub tags: BTreeMap<String, String>,
+    /// Environment the caller declared secret: it reaches the command and every exec like
+    /// `env` (keys never in both), but the API shows only its keys, nothing logs it, and the
+    /// store keeps it as private as the signing keys (sealed under the KEK in PostgreSQL).
+    /// Fixed at creation: [`Store::update_sandbox`] keeps it.
+    pub secret_env: BTreeMap<String, String>,
 }
 
 /// Which sandboxes [`Store::find_sandboxes`] lists; every condition given must hold.
@@ -348,6 +353,7 @@ impl fmt::Debug for SandboxRecord {
             .field("detail", &self.detail)
             .field("name", &self.name)
             .field("tags", &self.tags)
+            .field("secret_env", &EnvKeys(&self.secret_env))
             .finish()
     }
 }
@@ -684,6 +690,7 @@ pub(crate) mod conformance {
                 revoke_credential_is_idempotent,
                 sandboxes_round_trip_oldest_first,
                 update_sandbox_replaces_every_field,
+                secret_env_round_trips_and_is_never_shown,
                 update_unknown_sandbox_is_not_found,
                 duplicate_sandbox_conflicts,
                 revoke_token_is_idempotent_and_listed_until_expired,
@@ -773,8 +780,15 @@ pub(crate) mod conformance {
                     "ünïcode \"quoted\" =".to_owned(),
                 ),
             ]),
+            secret_env: BTreeMap::from([
+                ("OPENAI_API_KEY".to_owned(), SECRET_VALUE.to_owned()),
+                ("QUOTED".to_owned(), "a \"b\" \\ ü\n".to_owned()),
+            ]),
         }
     }
+
+    /// The value of a secret in [`sandbox`]: tests look for it in what must never hold it.
+    pub(crate) const SECRET_VALUE: &str = "sk-conformance-7f3a91c2e4";
 
     /// A live sandbox of `owner` named `name`.
     pub(crate) fn named(id: &str, owner: &str, name: &str, created_at: i64) -> SandboxRecord {
@@ -955,6 +969,7 @@ pub(crate) mod conformance {
             expires_at: None,
             host_ports: BTreeMap::new(),
             node: None,
+            secret_env: BTreeMap::new(),
             ..sandbox("unused", 0)
         };
         let ended = SandboxRecord {
@@ -1014,17 +1029,63 @@ pub(crate) mod conformance {
             process: ProcessInfo::default(),
             name: Some("other".to_owned()),
             tags: BTreeMap::from([("stale".to_owned(), "copy".to_owned())]),
+            secret_env: BTreeMap::new(),
         };
         store.update_sandbox(&updated).await.unwrap();
-        // Every field but the name (fixed at creation) and the tags (`set_sandbox_tags`).
+        // Every field but the name and the secrets (fixed at creation) and the tags
+        // (`set_sandbox_tags`).
         let expected = SandboxRecord {
             name: original.name.clone(),
             tags: original.tags.clone(),
+            secret_env: original.secret_env.clone(),
             ..updated
         };
         assert_eq!(store.sandbox(&original.id).await.unwrap(), Some(expected));
         assert_eq!(store.sandbox(&bystander.id).await.unwrap(), Some(bystander));
         assert_eq!(store.sandboxes().await.unwrap().len(), 2);
+    }
+
+    pub(crate) async fn secret_env_round_trips_and_is_never_shown(store: &dyn Store) {
+        let with = sandbox("sbxsecret00000000000001", 10);
+        let without = SandboxRecord {
+            secret_env: BTreeMap::new(),
+            ..sandbox("sbxsecret00000000000002", 11)
+        };
+        store.insert_sandbox(&with).await.unwrap();
+        store.insert_sandbox(&without).await.unwrap();
+        let read = store.sandbox(&with.id).await.unwrap().unwrap();
+        assert_eq!(read.secret_env, with.secret_env);
+        assert_eq!(
+            store
+                .sandbox(&without.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .secret_env,
+            BTreeMap::new()
+        );
+        let listed = store
+            .find_sandboxes(&SandboxFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(listed, vec![with.clone(), without]);
+        // Status updates keep the secrets, whatever the record passed in carries.
+        store
+            .update_sandbox(&SandboxRecord {
+                status: SandboxStatus::Stopped,
+                secret_env: BTreeMap::new(),
+                ..with.clone()
+            })
+            .await
+            .unwrap();
+        let read = store.sandbox(&with.id).await.unwrap().unwrap();
+        assert_eq!(read.status, SandboxStatus::Stopped);
+        assert_eq!(read.secret_env, with.secret_env);
+        // `{:?}` names the keys, never a value.
+        let shown = format!("{read:?} {read:#?}");
+        assert!(shown.contains("OPENAI_API_KEY"), "{shown}");
+        assert!(!shown.contains(SECRET_VALUE), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "env values hidden too: {shown}");
     }
 
     pub(crate) async fn update_unknown_sandbox_is_not_found(store: &dyn Store) {

@@ -588,7 +588,7 @@ impl Driver {
             }
         }
         let ports: BTreeMap<u16, u16> = record.ports.iter().map(|&p| (p, p)).collect();
-        let env = isolated_env(&record, &record.env, &self.cfg.pass_env);
+        let env = isolated_env(&record, &command_env(&record), &self.cfg.pass_env);
         if egress {
             let hosts: BTreeMap<String, String> = self
                 .cfg
@@ -709,7 +709,7 @@ impl Driver {
             self.release(&host_ports);
             return Err(DriverError::Dir(e));
         }
-        let mut cmd = self.command(&record, &command, &dir, &record.env);
+        let mut cmd = self.command(&record, &command, &dir, &command_env(&record));
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -1114,7 +1114,10 @@ impl Driver {
     ) -> Result<ExecOutput, DriverError> {
         // Activity from now on: the running exec then keeps it busy, and ends with a touch.
         self.touch(&record.id);
-        let mut env = record.env.clone();
+        // The exec's own `env` wins over the sandbox's, its secrets included, as over `env`:
+        // the caller who may exec could read the secret from inside anyway, so letting it
+        // replace one for a command hides nothing.
+        let mut env = command_env(record);
         env.extend(req.env.clone());
         let jail = self.running.get(&record.id).and_then(|r| r.jail.clone());
         let started = std::time::Instant::now();
@@ -1606,7 +1609,7 @@ pub const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// `[orchestrator] pass_env`: an operator's `AWS_SECRET_ACCESS_KEY` or `PGPASSWORD`, the
 /// gateway's `SANDGATE_*` keys and its build tools' variables all stay out. In order, later
 /// entries winning: `PATH`, `HOME`, `LANG` and `TERM` defaults; the `pass_env` names; the
-/// create body's (and exec's) `env`; then what sandgate itself sets, which no caller may
+/// create body's `env` and `secret_env` (and exec's `env`); then what sandgate itself sets, which no caller may
 /// override: `PORT`, `PORT_<n>` and `SANDGATE_SANDBOX_ID`.
 pub fn sandbox_env(
     record: &SandboxRecord,
@@ -1638,6 +1641,20 @@ pub fn sandbox_env(
     }
     out.insert("SANDGATE_SANDBOX_ID".into(), record.id.clone());
     out
+}
+
+/// What a sandbox's command (and, under its own `env`, every exec) gets from its record: `env`,
+/// then `secret_env` (keys are never in both, but an image's `Env` merged into `env` may name
+/// a secret's key, and the secret wins). Only ever passed to the process: never logged.
+fn command_env(record: &SandboxRecord) -> BTreeMap<String, String> {
+    let mut env = record.env.clone();
+    env.extend(
+        record
+            .secret_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    env
 }
 
 /// An isolated sandbox's environment (its command's and every exec's): [`sandbox_env`] with

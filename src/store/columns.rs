@@ -82,17 +82,18 @@ pub(super) fn scopes_json(scopes: &[Scope]) -> Result<String, StoreError> {
 pub(super) const SANDBOX_COLUMNS: &str =
     "id, owner, status, ports, upstream, command, env, cors_origins, \
      rewrite_host, metadata, created_at, expires_at, ended_at, host_ports, node, detail, process, \
-     name, tags";
+     name, tags, secret_env";
 
 /// How many [`SANDBOX_COLUMNS`] there are: what an insert binds.
-pub(super) const SANDBOX_BINDS: usize = 19;
+pub(super) const SANDBOX_BINDS: usize = 20;
 
 /// The live statuses ([`SandboxStatus::is_live`]) as an SQL list, for queries that must agree
 /// with the partial index on live names (whose migrations spell the same list out).
 pub(super) const LIVE_STATUSES_SQL: &str = "('starting', 'running')";
 
-/// How many leading [`SANDBOX_COLUMNS`] an update binds: all but `name` and `tags`, which only
-/// the insert (both) and [`super::Store::set_sandbox_tags`] (`tags`) write.
+/// How many leading [`SANDBOX_COLUMNS`] an update binds: all but `name`, `tags` and
+/// `secret_env`, which only the insert (all three) and [`super::Store::set_sandbox_tags`]
+/// (`tags`) write.
 pub(super) const SANDBOX_UPDATE_BINDS: usize = 17;
 
 /// Raw sandbox columns; see [`CredentialRow`] for why decoding is two-step.
@@ -116,6 +117,9 @@ pub(super) struct SandboxRow {
     pub(super) process: String,
     pub(super) name: Option<String>,
     pub(super) tags: String,
+    /// The secret environment as JSON text, already opened by the backend (PostgreSQL keeps it
+    /// sealed); `None` for none.
+    pub(super) secret_env: Option<String>,
 }
 
 impl SandboxRow {
@@ -149,6 +153,16 @@ impl SandboxRow {
             process: from_json(T, "process", &self.process)?,
             name: self.name,
             tags: from_json(T, "tags", &self.tags)?,
+            secret_env: match &self.secret_env {
+                // Not the JSON error: its message could quote a value.
+                Some(text) => serde_json::from_str(text).map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "sandbox {}: secret_env is not a JSON object of strings",
+                        self.id
+                    ))
+                })?,
+                None => BTreeMap::new(),
+            },
             id: self.id,
             owner: self.owner,
         })
@@ -177,6 +191,8 @@ pub(super) struct SandboxParams {
     pub(super) process: String,
     pub(super) name: Option<String>,
     pub(super) tags: String,
+    /// JSON text, `None` when there is none; PostgreSQL seals it before binding.
+    pub(super) secret_env: Option<String>,
 }
 
 impl SandboxParams {
@@ -201,6 +217,11 @@ impl SandboxParams {
             process: to_json(&s.process)?,
             name: s.name.clone(),
             tags: to_json(&s.tags)?,
+            secret_env: if s.secret_env.is_empty() {
+                None
+            } else {
+                Some(to_json(&s.secret_env)?)
+            },
         })
     }
 }
@@ -252,6 +273,6 @@ mod tests {
             .collect();
         assert_eq!(LIVE_STATUSES_SQL, format!("({})", live.join(", ")));
         assert_eq!(SANDBOX_COLUMNS.split(',').count(), SANDBOX_BINDS);
-        assert!(SANDBOX_COLUMNS.ends_with("process, name, tags"));
+        assert!(SANDBOX_COLUMNS.ends_with("process, name, tags, secret_env"));
     }
 }

@@ -157,6 +157,11 @@ const MIGRATIONS: &[&str] = &[
         uid        BIGINT NOT NULL, -- the host uid owning its files
         PRIMARY KEY (owner, name)
      );",
+    // 6: secret environment variables (`SandboxRecord::secret_env`); SQLite's migration 8.
+    // Sealed like `signing_keys.sealed_der` (version 1 || nonce || AES-256-GCM(JSON object) ||
+    // tag) under the KEK, with AAD `secret_env:` || the sandbox id, so a sealed value opens only
+    // in its own row and never passes for a signing key; NULL: none.
+    "ALTER TABLE sandboxes ADD COLUMN secret_env BYTEA;",
 ];
 
 /// How long one store call may take, queueing for a connection included, before it fails as
@@ -240,6 +245,13 @@ pub enum KekError {
          stored key was altered)"
     )]
     Undecryptable { kid: String },
+    /// A sandbox's stored `secret_env` does not open: a wrong key, or the row was altered (its
+    /// sealed bytes damaged, or copied from another sandbox's row).
+    #[error(
+        "the secret environment of sandbox {id} cannot be decrypted with this key-encryption key \
+         (wrong key, or the stored row was altered)"
+    )]
+    SecretUndecryptable { id: String },
 }
 
 /// The 32-byte key-encryption key that seals signing keys in PostgreSQL. `Debug` never shows
@@ -996,11 +1008,29 @@ fn sandbox_row(r: &PgRow) -> Result<SandboxRow, sqlx::Error> {
         process: r.try_get(16)?,
         name: r.try_get(17)?,
         tags: r.try_get(18)?,
+        // Opened by `decode_sandbox`, which has the key.
+        secret_env: None,
     })
 }
 
-fn decode_sandbox(r: &PgRow) -> Result<SandboxRecord, StoreError> {
-    sandbox_row(r).map_err(classify)?.decode()
+/// The AAD that binds a sealed `secret_env` to its sandbox's row (the id as stored).
+fn secret_env_aad(id: &str) -> Vec<u8> {
+    [b"secret_env:".as_slice(), text(id).as_bytes()].concat()
+}
+
+fn decode_sandbox(sealer: &Sealer, r: &PgRow) -> Result<SandboxRecord, StoreError> {
+    let mut row = sandbox_row(r).map_err(classify)?;
+    let sealed: Option<Vec<u8>> = r.try_get(19).map_err(classify)?;
+    if let Some(sealed) = sealed {
+        // Never an empty environment in its place: a sandbox whose secrets are lost must not
+        // start without them as if none were set.
+        let opened = sealer
+            .open(&secret_env_aad(&row.id), &sealed)
+            .and_then(|plain| String::from_utf8(plain).ok())
+            .ok_or_else(|| KekError::SecretUndecryptable { id: row.id.clone() })?;
+        row.secret_env = Some(opened);
+    }
+    row.decode()
 }
 
 fn decode_issued_token(r: &PgRow) -> Result<IssuedToken, StoreError> {
@@ -1089,6 +1119,7 @@ async fn execute_sandbox(
     sql: &str,
     p: &SandboxParams,
     binds: usize,
+    sealed_secret_env: Option<Vec<u8>>,
 ) -> Result<u64, sqlx::Error> {
     let query = sqlx::query(sql)
         .bind(text(&p.id))
@@ -1109,7 +1140,10 @@ async fn execute_sandbox(
         .bind(opt_text(&p.detail))
         .bind(&p.process);
     let query = if binds == SANDBOX_BINDS {
-        query.bind(opt_text(&p.name)).bind(&p.tags)
+        query
+            .bind(opt_text(&p.name))
+            .bind(&p.tags)
+            .bind(sealed_secret_env)
     } else {
         debug_assert_eq!(binds, SANDBOX_UPDATE_BINDS);
         query
@@ -1293,6 +1327,15 @@ impl Store for PostgresStore {
 
     async fn insert_sandbox(&self, s: &SandboxRecord) -> Result<(), StoreError> {
         let row = SandboxParams::encode(s)?;
+        let sealed = row
+            .secret_env
+            .as_ref()
+            .map(|plain| {
+                self.inner
+                    .sealer
+                    .seal(&secret_env_aad(&row.id), plain.as_bytes())
+            })
+            .transpose()?;
         bounded(async {
             let mut tx = self.pool().begin().await.map_err(classify)?;
             execute_sandbox(
@@ -1300,10 +1343,11 @@ impl Store for PostgresStore {
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES
                      ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                      $18, $19)"
+                      $18, $19, $20)"
                 ),
                 &row,
                 SANDBOX_BINDS,
+                sealed,
             )
             .await
             .map_err(|e| {
@@ -1339,6 +1383,7 @@ impl Store for PostgresStore {
                  WHERE id = $1",
                 &row,
                 SANDBOX_UPDATE_BINDS,
+                None,
             )
             .await
             .map_err(classify)?;
@@ -1362,7 +1407,7 @@ impl Store for PostgresStore {
             .await
             .map_err(classify)?
             .as_ref()
-            .map(decode_sandbox)
+            .map(|r| decode_sandbox(&self.inner.sealer, r))
             .transpose()
         })
         .await
@@ -1409,7 +1454,7 @@ impl Store for PostgresStore {
             .await
             .map_err(classify)?
             .as_ref()
-            .map(decode_sandbox)
+            .map(|r| decode_sandbox(&self.inner.sealer, r))
             .transpose()
         })
         .await
@@ -1434,7 +1479,7 @@ impl Store for PostgresStore {
             .map_err(classify)?;
             let mut found = Vec::new();
             for row in &rows {
-                let record = decode_sandbox(row)?;
+                let record = decode_sandbox(&self.inner.sealer, row)?;
                 if filter.has_tags(&record) {
                     found.push(record);
                 }
@@ -1452,7 +1497,9 @@ impl Store for PostgresStore {
             .fetch_all(self.pool())
             .await
             .map_err(classify)?;
-            rows.iter().map(decode_sandbox).collect()
+            rows.iter()
+                .map(|r| decode_sandbox(&self.inner.sealer, r))
+                .collect()
         })
         .await
     }
@@ -2447,6 +2494,93 @@ mod tests {
         .unwrap();
         let err = f.store.credentials().await.unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn secret_env_is_sealed_bound_to_its_row_and_never_read_as_empty() {
+        let f = PgFixture::new().await;
+        let a = conformance::sandbox("sbxsealeda", 1);
+        let b = conformance::sandbox("sbxsealedb", 2);
+        f.store.insert_sandbox(&a).await.unwrap();
+        f.store.insert_sandbox(&b).await.unwrap();
+        let mut admin = f.admin().await;
+        // The raw rows, every column as the database holds it: the value is nowhere.
+        let rows: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT t::text FROM {}.sandboxes t", f.schema))
+                .fetch_all(&mut admin)
+                .await
+                .unwrap();
+        assert_eq!(rows.len(), 2);
+        let sealed: Vec<u8> = sqlx::query_scalar(&format!(
+            "SELECT secret_env FROM {}.sandboxes WHERE id = 'sbxsealeda'",
+            f.schema
+        ))
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        let needle = conformance::SECRET_VALUE.as_bytes();
+        assert!(!sealed.windows(needle.len()).any(|w| w == needle));
+        assert!(!sealed.windows(14).any(|w| w == b"OPENAI_API_KEY"));
+        for row in &rows {
+            assert!(!row.contains(conformance::SECRET_VALUE), "{row}");
+            assert!(!row.contains(&hex_of(needle)), "{row}");
+        }
+        // Another node (a reopened store) with the same key opens it.
+        let other = f.second_node().await;
+        assert_eq!(
+            other
+                .sandbox("sbxsealeda")
+                .await
+                .unwrap()
+                .unwrap()
+                .secret_env,
+            a.secret_env
+        );
+        // A's sealed secrets copied into B's row do not open there: the id is the AAD.
+        sqlx::raw_sql(&format!(
+            "UPDATE {s}.sandboxes SET secret_env = (SELECT secret_env FROM {s}.sandboxes
+                WHERE id = 'sbxsealeda') WHERE id = 'sbxsealedb'",
+            s = f.schema
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        let err = f.store.sandbox("sbxsealedb").await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Kek(KekError::SecretUndecryptable { id }) if id == "sbxsealedb"),
+            "{err:?}"
+        );
+        let shown = err.to_string();
+        assert!(
+            shown.contains("sbxsealedb") && shown.contains("key-encryption key"),
+            "{shown}"
+        );
+        assert!(
+            f.store.sandboxes().await.is_err(),
+            "no list with B silently empty"
+        );
+        // Nor does a damaged seal.
+        let mut damaged = sealed.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        sqlx::query(&format!(
+            "UPDATE {}.sandboxes SET secret_env = $1 WHERE id = 'sbxsealeda'",
+            f.schema
+        ))
+        .bind(damaged)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        let err = f.store.sandbox("sbxsealeda").await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Kek(KekError::SecretUndecryptable { .. })),
+            "{err:?}"
+        );
+        assert!(!format!("{err:?}").contains(conformance::SECRET_VALUE));
+    }
+
+    fn hex_of(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,6 +130,12 @@ const MIGRATIONS: &[&str] = &[
         uid        INTEGER NOT NULL, -- the host uid owning its files
         PRIMARY KEY (owner, name)
      ) STRICT;",
+    // 8: secret environment variables (`SandboxRecord::secret_env`), as a JSON object; NULL:
+    // none. Kept in plain text like `signing_keys.private_der` in migration 1: this file is
+    // created 0600 in a 0700 folder (see `prepare_file`) and tightened to 0600 if found wider,
+    // so a secret here is exactly as readable as the signing keys, by the gateway's own user
+    // (root) and no one else.
+    "ALTER TABLE sandboxes ADD COLUMN secret_env TEXT;",
 ];
 
 /// How long a statement waits for a lock held by another connection (another `sandgate`
@@ -395,6 +401,7 @@ impl SandboxRow {
             process: r.get(16)?,
             name: r.get(17)?,
             tags: r.get(18)?,
+            secret_env: r.get(19)?,
         })
     }
 }
@@ -423,6 +430,7 @@ impl SandboxParams {
             self.process,
             self.name,
             self.tags,
+            self.secret_env,
         ];
         conn.execute(sql, &all[..binds])
     }
@@ -608,7 +616,7 @@ impl Store for SqliteStore {
                 &format!(
                     "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES
                      (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                      ?18, ?19)"
+                      ?18, ?19, ?20)"
                 ),
                 SANDBOX_BINDS,
             )
