@@ -882,6 +882,38 @@ async fn a_snapshot_starts_new_sandboxes_with_the_changes_and_leaves_the_origina
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("from-host-image"), "{out}");
 
+    // Counted: three snapshots taken (their bytes too), one image imported.
+    let metrics = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(gw.telemetry).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(
+        metrics.contains("sandgate_storage_operations_total{op=\"snapshot_create\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sandgate_storage_operations_total{op=\"image_import\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sandgate_storage_written_bytes_total{op=\"snapshot_create\"}"),
+        "{metrics}"
+    );
+    let (_, audit) = gw.api(Method::GET, "/v1/audit?limit=200", None).await;
+    let snapshots = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "snapshot.create")
+        .count();
+    assert_eq!(snapshots, 3, "{audit}");
+
     // Snapshots outlive the gateway.
     gw.stop().await;
     let gw = TestGateway::start_in(tmp.path(), "").await;
