@@ -473,3 +473,43 @@ async fn only_the_owner_with_write_scope_gets_an_upgrade() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["stdout"], "hi\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_sandboxes_stream_too() {
+    let gw = TestGateway::start_with(
+        "[orchestrator]\nisolation = \"none\"\nport_range = \"31580-31589\"\ngrace_secs = 1\n",
+    )
+    .await;
+    let (status, v) = gw
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"command": ["sh", "-c", "exec python3 -m http.server $PORT --bind 127.0.0.1"], "ports": [8000]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["isolation"], "none", "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_for_status(&gw, &id, &["running"], Duration::from_secs(20)).await;
+
+    let mut ws = start(&gw, &id, sh("read line; echo got $line; exit 4")).await;
+    ws.send(stdin(b"hello\n")).await.unwrap();
+    let s = collect(&mut ws, Duration::from_secs(20)).await;
+    assert_eq!(s.stdout, b"got hello\n", "{s:?}");
+    assert_eq!(s.exit.unwrap()["exit_code"], 4);
+
+    let mark = format!("EXEC_MARK={}", rand_mark());
+    let ws = start(
+        &gw,
+        &id,
+        json!({"command": ["sleep", "300"], "env": {"EXEC_MARK": &mark[10..]}}),
+    )
+    .await;
+    wait_for_pids(&mark, Duration::from_secs(10)).await;
+    drop(ws);
+    wait_pids_gone(&mark, Duration::from_secs(2)).await;
+    let (status, _) = gw
+        .api(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert!(status.is_success(), "{status}");
+}
