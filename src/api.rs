@@ -30,6 +30,7 @@ use crate::store::{
 use crate::token::IssueRequest;
 use crate::unix_now;
 
+mod exec_ws;
 mod files;
 mod image;
 mod volume;
@@ -54,7 +55,10 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             get(get_sandbox).delete(delete_sandbox).patch(patch_sandbox),
         )
         .route("/v1/sandboxes/{id}/connect-tokens", post(create_token))
-        .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route(
+            "/v1/sandboxes/{id}/exec",
+            post(exec).get(exec_ws::exec_stream),
+        )
         .route(
             "/v1/sandboxes/{id}/files",
             get(files::get_file)

@@ -130,6 +130,25 @@ pub struct ExecOutput {
     pub duration_ms: u64,
 }
 
+/// Which output of a streamed exec a chunk is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// One piece of a streamed exec's output.
+pub type OutputChunk = (OutputStream, bytes::Bytes);
+
+/// How a streamed exec ended.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ExecExit {
+    /// `None` when the process was killed by a signal (including the timeout).
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+}
+
 /// A running sandbox's handle.
 struct Running {
     /// Cancel to terminate.
@@ -1106,12 +1125,15 @@ impl Driver {
         self.routes.upsert(&record);
     }
 
-    /// Runs a command in the sandbox's directory and environment, under its limits.
-    pub async fn exec(
+    /// Starts an exec command in the sandbox's directory and environment, under its limits,
+    /// in a process group of its own, with standard input, output and error piped (an
+    /// isolated sandbox's launcher has already been sent its spec line: what is written to
+    /// `stdin` from now on is the command's). Counts as activity.
+    async fn spawn_exec(
         &self,
         record: &SandboxRecord,
-        req: ExecRequest,
-    ) -> Result<ExecOutput, DriverError> {
+        req: &ExecRequest,
+    ) -> Result<Child, DriverError> {
         // Activity from now on: the running exec then keeps it busy, and ends with a touch.
         self.touch(&record.id);
         // The exec's own `env` wins over the sandbox's, its secrets included, as over `env`:
@@ -1120,8 +1142,7 @@ impl Driver {
         let mut env = command_env(record);
         env.extend(req.env.clone());
         let jail = self.running.get(&record.id).and_then(|r| r.jail.clone());
-        let started = std::time::Instant::now();
-        let mut child = match (&self.isolation, jail) {
+        match (&self.isolation, jail) {
             (Isolation::Namespaces(_), Some(jail)) => {
                 // Inside the sandbox: its namespaces, cgroup, user, /workspace, environment.
                 let env = isolated_env(record, &env, &self.cfg.pass_env);
@@ -1137,21 +1158,37 @@ impl Driver {
                     .process_group(0)
                     .kill_on_drop(false);
                 let mut child = cmd.spawn().map_err(DriverError::Spawn)?;
-                // The spec line, then end of input: a one-shot exec has no stdin.
-                if let Some(mut stdin) = child.stdin.take() {
-                    let _ = stdin.write_all(&spec).await;
+                if let Some(stdin) = child.stdin.as_mut() {
+                    if let Err(e) = stdin.write_all(&spec).await {
+                        // The launcher died at once: the wait that follows reports how.
+                        tracing::debug!(sandbox = %record.id, error = %e, "cannot send the exec spec");
+                    }
                 }
-                child
+                Ok(child)
             }
-            (Isolation::Namespaces(_), None) => return Err(DriverError::NotRunning),
+            (Isolation::Namespaces(_), None) => Err(DriverError::NotRunning),
             _ => {
                 let dir = self.sandbox_dir(&record.id);
                 self.prepare(&record.id).map_err(DriverError::Dir)?;
                 let mut cmd = self.command(record, &req.command, &dir, &env);
-                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-                cmd.spawn().map_err(DriverError::Spawn)?
+                cmd.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                cmd.spawn().map_err(DriverError::Spawn)
             }
-        };
+        }
+    }
+
+    /// Runs a command in the sandbox's directory and environment, under its limits.
+    pub async fn exec(
+        &self,
+        record: &SandboxRecord,
+        req: ExecRequest,
+    ) -> Result<ExecOutput, DriverError> {
+        let started = std::time::Instant::now();
+        let mut child = self.spawn_exec(record, &req).await?;
+        // A one-shot exec has no stdin: end of input after the spec line.
+        drop(child.stdin.take());
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
         // Kills the group however this call ends, including when the caller goes away and
         // this future is dropped mid-wait.
@@ -1210,6 +1247,92 @@ impl Driver {
             stderr_truncated,
             timed_out,
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// Runs a command like [`Driver::exec`], streaming: what arrives on `stdin` is written to
+    /// the command's standard input (an empty chunk closes it), and its output goes to
+    /// `output` as it is read, in chunks of at most [`STREAM_CHUNK`] bytes. Each chunk's send
+    /// is awaited before more is read, so a receiver that stops receiving stops the command
+    /// once its pipe is full, and what is held in between stays bounded. When the receiver
+    /// goes away, or the returned future is dropped, the command's process group is killed.
+    /// The future ends once the command has exited and its output is delivered.
+    pub async fn exec_stream(
+        &self,
+        record: &SandboxRecord,
+        req: ExecRequest,
+        mut stdin: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+        output: tokio::sync::mpsc::Sender<OutputChunk>,
+    ) -> Result<ExecExit, DriverError> {
+        let mut child = self.spawn_exec(record, &req).await?;
+        let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+        // As for a one-shot exec: killed however this ends, counted as running until then.
+        let _group = pgid.map(|pgid| ExecGroup::register(self, &record.id, pgid));
+        let _touch = TouchOnDrop(self, &record.id);
+        let kill = move || {
+            if let Some(pgid) = pgid {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+        };
+        let pipe = child.stdin.take();
+        let feed = async move {
+            let mut pipe = pipe;
+            while let Some(chunk) = stdin.recv().await {
+                if chunk.is_empty() {
+                    pipe = None;
+                    continue;
+                }
+                if let Some(p) = pipe.as_mut() {
+                    // The command closed its input: what follows is dropped, still received
+                    // (so the sender never waits on a pipe nobody reads).
+                    if p.write_all(&chunk).await.is_err() {
+                        pipe = None;
+                    }
+                }
+            }
+            drop(pipe);
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        let exited = CancellationToken::new();
+        let (out_pipe, err_pipe) = (child.stdout.take(), child.stderr.take());
+        let waiter = async {
+            let status = match tokio::time::timeout(req.timeout, child.wait()).await {
+                Ok(status) => (status.ok(), false),
+                Err(_) => {
+                    kill();
+                    (child.wait().await.ok(), true)
+                }
+            };
+            // Background children holding the pipes open would keep the stream open.
+            kill();
+            exited.cancel();
+            status
+        };
+        // A receiver gone: nobody will read what the command prints, so it ends now.
+        let pump = |pipe, which| {
+            let (output, exited) = (&output, &exited);
+            async move {
+                if !stream_out(pipe, which, output, exited).await {
+                    kill();
+                }
+            }
+        };
+        let run = async {
+            tokio::join!(
+                waiter,
+                pump(out_pipe.map(Pipe::Out), OutputStream::Stdout),
+                pump(err_pipe.map(Pipe::Err), OutputStream::Stderr)
+            )
+        };
+        let ((status, timed_out), (), ()) = tokio::select! {
+            done = run => done,
+            never = feed => match never {},
+        };
+        use std::os::unix::process::ExitStatusExt;
+        Ok(ExecExit {
+            exit_code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| s.signal()),
+            timed_out,
         })
     }
 
@@ -1777,6 +1900,71 @@ async fn pump(mut src: impl AsyncRead + Unpin, sink: Arc<tokio::sync::Mutex<LogS
 
 /// Reads a stream to its end (or until `stop`), keeping at most `cap` bytes; returns them and
 /// whether more came.
+/// Largest chunk of output a streamed exec reads (and sends) at once.
+pub const STREAM_CHUNK: usize = 16 * 1024;
+
+/// After a streamed command exits, a pipe still open (held by a process that left its group)
+/// ends after this long without output, and in any case after [`DRAIN_MAX`].
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
+const DRAIN_MAX: Duration = Duration::from_secs(10);
+
+/// A streamed exec's stdout or stderr.
+enum Pipe {
+    Out(tokio::process::ChildStdout),
+    Err(tokio::process::ChildStderr),
+}
+
+impl Pipe {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Pipe::Out(p) => p.read(buf).await,
+            Pipe::Err(p) => p.read(buf).await,
+        }
+    }
+}
+
+/// Sends what `src` yields to `out` until its end; false when the receiver is gone.
+async fn stream_out(
+    src: Option<Pipe>,
+    which: OutputStream,
+    out: &tokio::sync::mpsc::Sender<OutputChunk>,
+    exited: &CancellationToken,
+) -> bool {
+    let Some(mut src) = src else {
+        return true;
+    };
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut drain_end: Option<tokio::time::Instant> = None;
+    loop {
+        let read = match drain_end {
+            Some(end) => {
+                let quiet = (tokio::time::Instant::now() + DRAIN_QUIET).min(end);
+                match tokio::time::timeout_at(quiet, src.read(&mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => return true,
+                }
+            }
+            // Reads from a pipe are cancel-safe: nothing is lost when the exit wins.
+            None => tokio::select! {
+                r = src.read(&mut buf) => r,
+                _ = exited.cancelled() => {
+                    drain_end = Some(tokio::time::Instant::now() + DRAIN_MAX);
+                    continue;
+                }
+            },
+        };
+        match read {
+            Ok(0) | Err(_) => return true,
+            Ok(n) => {
+                let chunk = bytes::Bytes::copy_from_slice(&buf[..n]);
+                if out.send((which, chunk)).await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 async fn capture(
     mut src: impl AsyncRead + Unpin,
     cap: usize,
